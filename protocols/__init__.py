@@ -1,0 +1,1 @@
+"""shoal protocols package."""
