@@ -1,0 +1,283 @@
+"""The ``shoal`` command: start a node, and look at a running one through its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from node.config import KEYS, ConfigError, NodeConfig, default_home, describe, load_config
+from node.control import ControlError, DaemonNotRunning, call
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+LOG_FILE = "node.log"
+LOG_FILE_BYTES = 10 * 1024 * 1024
+
+
+def _add_home(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, help="node home (default $XDG_DATA_HOME/shoal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="peer-to-peer training node")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser("start", help="run a node in the foreground")
+    _add_home(start)
+    for key, spec in KEYS.items():
+        if key == "capacity":
+            continue  # a table: set it in config.toml
+        flag = "--" + key.replace("_", "-")
+        if key in ("listen", "join", "announce"):
+            start.add_argument(
+                flag, action="append", dest=key, metavar="MULTIADDR", help=spec.expected
+            )
+        else:
+            start.add_argument(flag, dest=key, metavar=key.upper(), help=spec.expected)
+
+    for name, help_text in (
+        ("id", "peer id and addresses"),
+        ("status", "this node and the swarm"),
+        ("peers", "one line per known peer"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        _add_home(cmd)
+        cmd.add_argument("--json", action="store_true", help="print the raw JSON object")
+        if name == "status":
+            cmd.add_argument(
+                "--watch",
+                nargs="?",
+                const=2.0,
+                type=float,
+                metavar="SECONDS",
+                help="refresh every SECONDS (default 2) until Ctrl-C",
+            )
+    stop = sub.add_parser("stop", help="leave the swarm gracefully and stop the node")
+    _add_home(stop)
+    config = sub.add_parser("config", help="print the effective configuration")
+    _add_home(config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "start":
+            return _start(args)
+        home = (args.home or default_home(os.environ)).expanduser().resolve()
+        if args.command == "config":
+            print(json.dumps(describe(load_config(home)), indent=2))
+            return 0
+        return _client(args, home)
+    except ConfigError as exc:
+        print(f"shoal: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+# ---------------------------------------------------------------------- start
+
+
+def _start(args: argparse.Namespace) -> int:
+    flags = {key: getattr(args, key, None) for key in KEYS if key != "capacity"}
+    flags = {k: (list(v) if isinstance(v, list) else v) for k, v in flags.items()}
+    config = load_config(args.home, flags=flags)
+    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = _lock_home(config)
+    from node.identity import load_or_create_seed
+
+    seed = load_or_create_seed(config.key_path)
+    _setup_logging(config)
+    import trio
+
+    from node.daemon import Node, StartupError
+
+    node = Node(config, seed, on_ready=_announce_ready)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        logging.getLogger("shoal.node").info(
+                            "got %s, leaving", signal.Signals(signum).name
+                        )
+                        node.request_stop()
+
+                nursery.start_soon(on_signal)
+                await node.run()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except StartupError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        lock.close()
+    return 0
+
+
+def _lock_home(config: NodeConfig) -> TextIO:
+    lock = open(config.home / "node.lock", "w")  # noqa: SIM115  (held for the node's lifetime)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(
+            f"another shoal node is running with home {config.home}; "
+            f"stop it with 'shoal stop --home {config.home}' or pick another --home"
+        ) from None
+    return lock
+
+
+def _setup_logging(config: NodeConfig) -> None:
+    level = getattr(logging, config.log_level.upper())
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.handlers.RotatingFileHandler(
+            config.home / LOG_FILE, maxBytes=LOG_FILE_BYTES, backupCount=2
+        ),
+    ):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    # py-libp2p logs routine peer churn (closed streams, failed DHT reads) as warnings.
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if level == logging.DEBUG else logging.ERROR)
+
+
+def _announce_ready(node: Any) -> None:
+    addrs = node.p2p_addrs()
+    print(f"peer id   {node.peer_id}")
+    print(f"swarm     {node.config.swarm}")
+    for addr in addrs:
+        print(f"listening {addr}")
+    public = [a for a in addrs if "/127." not in a and "/::1/" not in a] or addrs
+    print(f"join with shoal start --join {public[0]}")
+    print("ready", flush=True)
+
+
+# ---------------------------------------------------------------------- client commands
+
+
+def _client(args: argparse.Namespace, home: Path) -> int:
+    socket_path = home / "control.sock"
+    try:
+        if args.command == "stop":
+            call(socket_path, "stop")
+            print("stopping")
+            return 0
+        if args.command == "id" and not (home / "control.sock").exists():
+            return _offline_id(home, args.json)
+        if args.command == "status" and args.watch:
+            return _watch(socket_path, args.watch)
+        result = call(socket_path, "status" if args.command == "status" else args.command)
+    except DaemonNotRunning:
+        home_flag = "" if args.home is None else f" --home {home}"
+        print(
+            f"shoal: no node is running with home {home}. Start one with "
+            f"'shoal start{home_flag}' (or 'make demo' for a local swarm).",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
+    except ControlError as exc:
+        print(f"shoal: the node answered with an error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.command == "status":
+        print(format_status(result))
+    elif args.command == "peers":
+        print(format_peers(result))
+    else:
+        print(result["peer_id"])
+        for addr in result["addrs"]:
+            print(addr)
+    return 0
+
+
+def _offline_id(home: Path, as_json: bool) -> int:
+    from node.identity import load_or_create_seed, peer_id_of
+
+    key = home / "identity.key"
+    if not key.exists():
+        print(f"shoal: no identity in {home} yet; 'shoal start' creates one", file=sys.stderr)
+        return EXIT_RUNTIME
+    peer_id = peer_id_of(load_or_create_seed(key))
+    print(json.dumps({"peer_id": peer_id, "addrs": [], "running": False}) if as_json else peer_id)
+    return 0
+
+
+def _watch(socket_path: Path, every_s: float) -> int:
+    try:
+        while True:
+            text = format_status(call(socket_path, "status"))
+            sys.stdout.write(
+                "\x1b[2J\x1b[H" + text + f"\n\n(refreshing every {every_s:g} s, Ctrl-C to quit)\n"
+            )
+            sys.stdout.flush()
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_peers(peers: list[dict[str, Any]]) -> str:
+    if not peers:
+        return "no peers"
+    lines = []
+    for peer in peers:
+        remote = (peer.get("remote_addrs") or peer["addrs"] or ["-"])[0]
+        rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f} ms"
+        lines.append(
+            f"{peer['peer_id']}  {peer['connection']:<8} {remote:<28} rtt {rtt:<9} "
+            f"seen {peer['last_seen_s']:.1f}s ago  {peer.get('role', '')}"
+        )
+    return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    training = status.get("training")
+    allreduce = status.get("allreduce")
+    up = _duration(status["uptime_s"])
+    lines = [
+        f"node      {status['peer_id']}  ({status['role']}, v{status['version']}, up {up})",
+        f"swarm     {status['swarm']}: {status['swarm_size']} members, "
+        f"reachability {status['reachability']}",
+        f"traffic   in {_bytes(status['bytes_in'])}, out {_bytes(status['bytes_out'])}",
+        f"training  {json.dumps(training) if training else '-'}",
+        f"allreduce {json.dumps(allreduce) if allreduce else '-'}",
+    ]
+    lines += [f"address   {a}" for a in status["addrs"]]
+    lines.append(f"peers ({len(status['peers'])}):")
+    lines += ["  " + line for line in format_peers(status["peers"]).splitlines()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Node configuration: defaults < ``config.toml`` in the home < ``SHOAL_*`` variables < flags.
+
+Every key is declared once in :data:`KEYS` with its parser, default and the form it expects;
+the TOML file, the environment and the command line all go through the same parser, so an
+unknown key or a bad value gets the same clear error (naming the key, where it came from and
+the expected form) whichever way it was given, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+DEFAULT_PORT = 4150
+ENV_PREFIX = "SHOAL_"
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: Path
+    swarm: str = "default"
+    listen: tuple[str, ...] = (f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}",)
+    join: tuple[str, ...] = ()
+    announce: tuple[str, ...] = ()
+    role: str = "worker"
+    heartbeat_s: float = 2.0
+    record_ttl_s: float = 12.0
+    connect_timeout_s: float = 5.0
+    send_timeout_s: float = 5.0
+    link_idle_timeout_s: float = 30.0
+    leave_timeout_s: float = 2.0
+    join_retry_s: float = 3.0
+    dht_republish_s: float = 30.0
+    max_clock_skew_s: float = 30.0
+    max_frame_bytes: int = 1 << 20
+    log_level: str = "info"
+    capacity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.home / "control.sock"
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / "identity.key"
+
+
+Parser = Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _swarm_name(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ValueError
+    return text
+
+
+def _positive_seconds(value: Any) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
+        raise ValueError
+    if number != number or number == float("inf"):
+        raise ValueError
+    return float(number)
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+        raise ValueError
+    return number
+
+
+def _choice(*options: str) -> Parser:
+    def parse(value: Any) -> str:
+        if _text(value) not in options:
+            raise ValueError
+        return str(value)
+
+    return parse
+
+
+def _multiaddrs(require_peer_id: bool) -> Parser:
+    def parse(value: Any) -> tuple[str, ...]:
+        items = (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        )
+        if not isinstance(items, list | tuple):
+            raise TypeError
+        out = []
+        for item in items:
+            addr = multiaddr.Multiaddr(_text(item))  # raises on a malformed address
+            protocols = [p.name for p in addr.protocols()]
+            if (
+                not ({"ip4", "ip6", "dns", "dns4", "dns6"} & set(protocols))
+                or "tcp" not in protocols
+            ):
+                raise ValueError
+            if require_peer_id and "p2p" not in protocols:
+                raise ValueError
+            out.append(str(addr))
+        return tuple(out)
+
+    return parse
+
+
+def _capacity(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, int | float):
+            raise ValueError
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Parser
+    expected: str
+
+
+KEYS: dict[str, Key] = {
+    "swarm": Key(_swarm_name, "a swarm name of 1-64 letters, digits, '.', '_' or '-'"),
+    "listen": Key(
+        _multiaddrs(False), "TCP multiaddrs such as /ip4/0.0.0.0/tcp/4150 (port 0 = any)"
+    ),
+    "join": Key(
+        _multiaddrs(True), "multiaddrs with a peer id, /ip4/1.2.3.4/tcp/4150/p2p/12D3Koo..."
+    ),
+    "announce": Key(_multiaddrs(False), "TCP multiaddrs to announce besides the listen addresses"),
+    "role": Key(_choice("worker", "observer"), "one of: worker, observer"),
+    "heartbeat_s": Key(_positive_seconds, "a positive number of seconds"),
+    "record_ttl_s": Key(_positive_seconds, "a positive number of seconds"),
+    "connect_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "send_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "link_idle_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "leave_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "join_retry_s": Key(_positive_seconds, "a positive number of seconds"),
+    "dht_republish_s": Key(_positive_seconds, "a positive number of seconds"),
+    "max_clock_skew_s": Key(_positive_seconds, "a positive number of seconds"),
+    "max_frame_bytes": Key(_positive_int, "a positive integer number of bytes"),
+    "log_level": Key(
+        _choice("debug", "info", "warning", "error"), "one of: debug, info, warning, error"
+    ),
+    "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
+}
+
+
+def default_home(env: Mapping[str, str]) -> Path:
+    if env.get("SHOAL_HOME"):
+        return Path(env["SHOAL_HOME"]).expanduser()
+    data = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".local/share")
+    return Path(data) / "shoal"
+
+
+def _parse(key: str, value: Any, origin: str) -> Any:
+    spec = KEYS.get(key)
+    if spec is None:
+        known = ", ".join(sorted(KEYS))
+        raise ConfigError(f"unknown config key {key!r} ({origin}); known keys: {known}")
+    try:
+        return spec.parse(value)
+    except (TypeError, ValueError) as exc:
+        shown = repr(value) if len(repr(value)) < 200 else repr(value)[:200] + "..."
+        detail = f" ({exc})" if str(exc) else ""
+        raise ConfigError(
+            f"bad value for config key {key!r} ({origin}): got {shown}{detail}; "
+            f"expected {spec.expected}"
+        ) from None
+
+
+def load_config(
+    home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Merge the three sources over the defaults; raise ConfigError on any bad key or value."""
+    env = os.environ if env is None else env
+    home = (home or default_home(env)).expanduser().resolve()
+    values: dict[str, Any] = {}
+
+    path = home / CONFIG_FILE
+    if path.exists():
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        for key, value in table.items():
+            values[key] = _parse(key, value, f"in {path}")
+
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "SHOAL_HOME":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in KEYS:
+            raise ConfigError(
+                f"unknown config key {key!r} (from environment variable {name}); "
+                f"known keys: {', '.join(sorted(KEYS))}"
+            )
+        values[key] = _parse(key, value, f"from environment variable {name}")
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _parse(key, value, f"from flag --{key.replace('_', '-')}")
+
+    config = NodeConfig(home=home, **values)
+    if config.record_ttl_s < 2 * config.heartbeat_s:
+        raise ConfigError(
+            f"record_ttl_s ({config.record_ttl_s}) must be at least twice heartbeat_s "
+            f"({config.heartbeat_s}), or members expire between two heartbeats"
+        )
+    return config
+
+
+def describe(config: NodeConfig) -> dict[str, Any]:
+    """The effective configuration as plain JSON-able values."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    out["home"] = str(config.home)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

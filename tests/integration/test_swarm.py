@@ -1,0 +1,112 @@
+"""Membership across real ``shoal start`` processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import Daemon, swarm_of, wait_until
+
+pytestmark = pytest.mark.slow
+
+EXPIRY_S = 4.0  # --record-ttl-s in tests.daemons.FAST
+
+
+def full_view(daemons: list[Daemon]) -> bool:
+    want = {d.peer_id for d in daemons}
+    return all(d.view() == want for d in daemons)
+
+
+def test_six_nodes_through_one_bootstrap_see_each_other_directly(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        boot = spawn("boot").wait_ready()
+        others = [spawn(f"n{i}", join=boot) for i in range(5)]
+        nodes = [boot, *(d.wait_ready() for d in others)]
+        wait_until(lambda: full_view(nodes), 60, "a full view of 6 members on every node")
+        for node in nodes:
+            out = node.cli("status", "--json", check=True)
+            status = json.loads(out.stdout)
+            assert status["swarm_size"] == 6
+            assert len(status["peers"]) == 5
+            assert {p["connection"] for p in status["peers"]} == {"direct"}
+            for key in (
+                "peer_id",
+                "swarm",
+                "addrs",
+                "uptime_s",
+                "reachability",
+                "bytes_in",
+                "bytes_out",
+                "training",
+                "allreduce",
+            ):
+                assert key in status
+            assert status["training"] is None and status["allreduce"] is None
+            assert status["bytes_in"] > 0 and status["bytes_out"] > 0
+            for peer in status["peers"]:
+                assert set(peer) >= {"peer_id", "addrs", "connection", "rtt_ms", "last_seen_s"}
+
+
+def test_killed_members_vanish_and_swarm_outlives_its_bootstrap(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        boot = spawn("boot").wait_ready()
+        others = [spawn(f"n{i}", join=boot) for i in range(4)]
+        nodes = [boot, *(d.wait_ready() for d in others)]
+        wait_until(lambda: full_view(nodes), 60, "a full view of 5 members")
+
+        victim = nodes.pop(3)
+        killed_at = time.monotonic()
+        victim.kill()
+        wait_until(
+            lambda: full_view(nodes), EXPIRY_S + 10, "the killed member to vanish everywhere"
+        )
+        # Gone within the record expiry (plus one heartbeat and the polling period).
+        assert time.monotonic() - killed_at < EXPIRY_S + 2.5
+
+        boot.kill()
+        nodes.remove(boot)
+        wait_until(lambda: full_view(nodes), EXPIRY_S + 10, "the survivors to drop the bootstrap")
+
+        late = spawn("late", join=nodes[1]).wait_ready()
+        nodes.append(late)
+        wait_until(lambda: full_view(nodes), 30, "the late joiner to be seen by all")
+        assert all(d.status()["swarm_size"] == 4 for d in nodes)
+
+
+def test_graceful_stop_drops_the_node_at_once(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        slow_expiry = ["--record-ttl-s", "60"]
+        boot = spawn("boot", *slow_expiry).wait_ready()
+        a = spawn("a", *slow_expiry, join=boot).wait_ready()
+        b = spawn("b", *slow_expiry, join=boot).wait_ready()
+        wait_until(lambda: full_view([boot, a, b]), 30, "a full view of 3")
+        stopped_at = time.monotonic()
+        assert b.cli("stop").returncode == 0
+        b.proc.wait(15)  # type: ignore[union-attr]
+        assert b.proc.returncode == 0  # type: ignore[union-attr]
+        wait_until(lambda: full_view([boot, a]), 10, "the others to drop the leaver")
+        assert time.monotonic() - stopped_at < 10 < 60  # long before its record would expire
+        assert any("left swarm" in line for line in b.lines)
+
+        assert a.terminate() == 0  # SIGTERM is a graceful leave too
+        wait_until(
+            lambda: boot.view() == {boot.peer_id}, 10, "the bootstrap to drop the SIGTERMed node"
+        )
+
+
+def test_restart_with_same_home_keeps_peer_id_and_rejoins(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        boot = spawn("boot").wait_ready()
+        node = spawn("n", join=boot).wait_ready()
+        first_id = node.peer_id
+        wait_until(lambda: full_view([boot, node]), 30, "a full view of 2")
+        key = node.home / "identity.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        node.kill()
+        node.start().wait_ready()
+        assert node.peer_id == first_id
+        wait_until(lambda: full_view([boot, node]), 30, "the restarted node back in the view")
+        assert node.status()["peer_id"] == first_id
