@@ -17,6 +17,7 @@ py-libp2p's defaults are not what a training swarm wants, so this module pins th
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,26 @@ class PresenceValidator(Validator):
 
 def presence_key(peer_id: str) -> str:
     return f"/{PRESENCE_NAMESPACE}/{peer_id}"
+
+
+def ensure_ports_free(listen: Sequence[str]) -> None:
+    """Raise OSError if a fixed listen port is taken.
+
+    py-libp2p binds with SO_REUSEPORT (TCP hole punching needs it), so a second node on the
+    same port would start without error and share the port's traffic with the first. A plain
+    bind with SO_REUSEADDR only (tolerates TIME_WAIT, refuses a live listener) tells first.
+    """
+    for text in listen:
+        addr = multiaddr.Multiaddr(text)
+        names = [p.name for p in addr.protocols()]
+        port = int(addr.value_for_protocol("tcp"))
+        if port == 0 or not ({"ip4", "ip6"} & set(names)):
+            continue
+        family = socket.AF_INET6 if "ip6" in names else socket.AF_INET
+        ip = addr.value_for_protocol("ip6" if "ip6" in names else "ip4")
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((ip, port))
 
 
 def build_host(seed: bytes, listen: Sequence[str]) -> IHost:

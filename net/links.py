@@ -98,6 +98,7 @@ class ControlLinks:
                     return
                 for message in decoder.feed(data):
                     await self.on_message(peer_id, message)
+                decoder.check()
         except FrameError as exc:
             self.rejected_frames += 1
             log.warning("closing control stream from %s: %s", peer_id, exc)

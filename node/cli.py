@@ -102,20 +102,23 @@ def _start(args: argparse.Namespace) -> int:
 
     node = Node(config, seed, on_ready=_announce_ready)
 
+    async def on_signals(signals: Any) -> None:
+        async for signum in signals:
+            logging.getLogger("shoal.node").info("got %s, leaving", signal.Signals(signum).name)
+            node.request_stop()
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signal() -> None:
-                    async for signum in signals:
-                        logging.getLogger("shoal.node").info(
-                            "got %s, leaving", signal.Signals(signum).name
-                        )
-                        node.request_stop()
-
-                nursery.start_soon(on_signal)
-                await node.run()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(on_signals, signals)
+                    await node.run()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                startup = group.subgroup(StartupError)
+                if startup is None:
+                    raise
+                raise _leaves(startup)[0] from None
 
     try:
         trio.run(run)
@@ -125,6 +128,13 @@ def _start(args: argparse.Namespace) -> int:
     finally:
         lock.close()
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _lock_home(config: NodeConfig) -> TextIO:
@@ -153,8 +163,11 @@ def _setup_logging(config: NodeConfig) -> None:
     ):
         handler.setFormatter(fmt)
         root.addHandler(handler)
-    # py-libp2p logs routine peer churn (closed streams, failed DHT reads) as warnings.
-    logging.getLogger("libp2p").setLevel(logging.DEBUG if level == logging.DEBUG else logging.ERROR)
+    # py-libp2p logs routine churn (closed streams, failed dials, DHT reads) as warnings and
+    # errors; shoal logs what matters of it itself, naming the peer and the reason.
+    logging.getLogger("libp2p").setLevel(
+        logging.DEBUG if level == logging.DEBUG else logging.CRITICAL
+    )
 
 
 def _announce_ready(node: Any) -> None:

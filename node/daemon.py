@@ -35,6 +35,7 @@ from net.host import (
     build_dht,
     build_host,
     connection_info,
+    ensure_ports_free,
     install_wire_counters,
     presence_key,
     swarm_protocol,
@@ -92,6 +93,10 @@ class Node:
 
     async def run(self) -> None:
         install_wire_counters()
+        try:
+            ensure_ports_free(self.config.listen)
+        except OSError as exc:
+            raise StartupError(self._listen_failure(exc)) from None
         host = build_host(self.seed, self.config.listen)
         self.host = host
         self.links = ControlLinks(

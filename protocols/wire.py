@@ -35,7 +35,7 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=len(payload))
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        raise FrameError(f"malformed msgpack payload: {exc}") from None
+        raise FrameError(f"malformed msgpack payload ({type(exc).__name__}: {exc})") from None
     if not isinstance(message, dict):
         raise FrameError(f"frame payload is a {type(message).__name__}, expected a map")
     if not isinstance(message.get("t"), str):
@@ -44,15 +44,34 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 class FrameDecoder:
-    """Incremental frame decoder: ``feed(bytes)`` returns the complete messages so far."""
+    """Incremental frame decoder: ``feed(bytes)`` returns the complete messages so far.
+
+    Messages that arrived before a bad frame are still returned; the error is raised by
+    :meth:`check` (and by any later ``feed``), after the caller has handled them.
+    """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
+        self._error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.check()
         self._buffer += data
-        return list(self._drain())
+        messages: list[dict[str, Any]] = []
+        try:
+            for message in self._drain():
+                messages.append(message)
+        except FrameError as exc:
+            self._error = exc
+            if not messages:
+                raise
+        return messages
+
+    def check(self) -> None:
+        """Raise the error of a bad frame met by an earlier ``feed``, if any."""
+        if self._error is not None:
+            raise self._error
 
     @property
     def pending_bytes(self) -> int:
