@@ -37,7 +37,8 @@ class NodeConfig:
     announce: tuple[str, ...] = ()
     role: str = "worker"
     heartbeat_s: float = 2.0
-    record_ttl_s: float = 12.0
+    record_ttl_s: float = 20.0
+    gossip_fanout: int = 2
     connect_timeout_s: float = 5.0
     send_timeout_s: float = 5.0
     link_idle_timeout_s: float = 30.0
@@ -150,6 +151,7 @@ KEYS: dict[str, Key] = {
     "role": Key(_choice("worker", "observer"), "one of: worker, observer"),
     "heartbeat_s": Key(_positive_seconds, "a positive number of seconds"),
     "record_ttl_s": Key(_positive_seconds, "a positive number of seconds"),
+    "gossip_fanout": Key(_positive_int, "a positive number of members to sync with per heartbeat"),
     "connect_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "send_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "link_idle_timeout_s": Key(_positive_seconds, "a positive number of seconds"),

@@ -1,12 +1,8 @@
 """The shoal daemon: one trio nursery owning the libp2p host, the DHT, membership and the API.
 
-Membership. Each node signs a presence record (see :mod:`protocols.presence`) every heartbeat
-and sends it to every live member over its control link; the receiver answers with the echo of
-the sender's timestamp (the RTT) and a fingerprint of its member table. When fingerprints
-differ, the two run one round of push-pull anti-entropy (``pull`` with a digest, ``recs`` with
-what the other lacks). So every node learns every live member through any member, not only the
-bootstrap; a member killed outright stops refreshing and drops out of every view when its
-record expires; a member that stops gracefully sends a signed leave and drops out at once.
+Membership rules live in :mod:`protocols.membership` (push-pull anti-entropy of signed presence
+records, sans-IO); this module only moves its messages over control links, keeps a direct
+connection to every live member, and answers the control API.
 
 The DHT (``/shoal/<swarm>/kad/1.0.0``) holds each member's signed record under
 ``/shoal-presence/<peer_id>``, so a node can find any member's addresses by its id alone.
@@ -43,13 +39,12 @@ from net.host import (
 from net.links import ControlLinks, LinkSettings
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
-from protocols.presence import MemberTable, PresenceRecord, RecordError, Signer, decode_record
-from protocols.wire import FrameError
+from protocols.membership import Membership, MembershipSettings
+from protocols.presence import PresenceRecord, Signer, decode_record
 
 log = logging.getLogger("shoal.node")
 
 VERSION = "0.1.0"
-MAX_RECORDS_PER_MESSAGE = 1024
 
 
 class StartupError(RuntimeError):
@@ -59,9 +54,8 @@ class StartupError(RuntimeError):
 @dataclass
 class PeerLiveness:
     rtt_ms: float | None = None
-    last_pull: float = -math.inf
     last_dial: float = -math.inf
-    busy: bool = False
+    dialing: bool = False
 
 
 class Node:
@@ -75,14 +69,23 @@ class Node:
         self.peer_id = self.signer.peer_id
         self.seed = seed
         self.on_ready = on_ready
-        self.table = MemberTable(config.swarm, self.peer_id, config.max_clock_skew_s)
+        self.membership = Membership(
+            config.swarm,
+            self.signer,
+            MembershipSettings(
+                heartbeat_s=config.heartbeat_s,
+                record_ttl_s=config.record_ttl_s,
+                fanout=config.gossip_fanout,
+                max_clock_skew_s=config.max_clock_skew_s,
+            ),
+            self._describe_self,
+        )
         self.liveness: dict[str, PeerLiveness] = {}
         self.started_at = time.monotonic()
         self.addrs: list[str] = []
-        self.rejected_records = 0
+        self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
         self.allreduce: dict[str, Any] | None = None
-        self._seq = 0
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -138,7 +141,7 @@ class Node:
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
-            self._refresh_own_record()
+            self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
             for addr in self.config.join:
@@ -150,77 +153,58 @@ class Node:
             await self._leave()
             nursery.cancel_scope.cancel()
 
-    # ------------------------------------------------------------------ own record
-
-    def _record(self, now: float, leaving: bool = False) -> PresenceRecord:
-        # Wall-clock nanoseconds keep the sequence rising across restarts of the same identity.
-        self._seq = max(self._seq + 1, time.time_ns())
-        return PresenceRecord(
-            swarm=self.config.swarm,
-            peer_id=self.peer_id,
-            seq=self._seq,
-            issued_at=now,
-            ttl_s=self.config.record_ttl_s,
-            addrs=tuple(self.addrs),
-            role=self.config.role,
-            version=VERSION,
-            capacity={"cpus": os.cpu_count() or 1, **self.config.capacity},
-            training=self.training,
-            leaving=leaving,
-        )
-
-    def _refresh_own_record(self) -> dict[str, bytes]:
-        now = time.time()
-        wire = self._record(now).sign(self.signer)
-        self.table.offer(wire, now)
-        return wire
-
     # ------------------------------------------------------------------ membership
+
+    def _describe_self(self) -> dict[str, Any]:
+        return {
+            "addrs": self.addrs,
+            "role": self.config.role,
+            "version": VERSION,
+            "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
+            "training": self.training,
+        }
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            now = time.time()
-            for peer_id in self.table.expire(now):
+            tick = self.membership.tick(time.time())
+            for peer_id in tick.expired:
                 log.info(
-                    "member %s expired (no heartbeat for %.0f s)", peer_id, self.config.record_ttl_s
+                    "member %s expired (no fresh record for %.0f s)",
+                    peer_id,
+                    self.config.record_ttl_s,
                 )
                 self._forget(peer_id)
-            wire = self._refresh_own_record()
-            for member in self.table.others():
-                self._spawn_heartbeat(member.record.peer_id, wire)
+            for peer_id, message in tick.sends:
+                self._send(peer_id, message)
+            for member in self.membership.table.others():
+                self._keep_connected(member.record.peer_id)
             await trio.sleep(self.config.heartbeat_s)
 
-    def _spawn_heartbeat(self, peer_id: str, wire: dict[str, bytes]) -> None:
-        live = self.liveness.setdefault(peer_id, PeerLiveness())
-        if live.busy or self._nursery is None:
-            return  # the last heartbeat to this peer is still on its way (bounded by timeouts)
-        live.busy = True
-        self._nursery.start_soon(self._heartbeat, peer_id, wire, live)
+    def _send(self, peer_id: str, message: dict[str, Any]) -> None:
+        """Send from a task of its own, so no reader or loop ever waits on a slow peer."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_now, peer_id, message)
 
-    async def _heartbeat(self, peer_id: str, wire: dict[str, bytes], live: PeerLiveness) -> None:
-        try:
-            if not await self._ensure_connected(peer_id, live):
-                return
-            message = {
-                "t": "hb",
-                "rec": wire,
-                "ts": time.monotonic(),
-                "dh": self.table.digest_hash(),
-            }
+    async def _send_now(self, peer_id: str, message: dict[str, Any]) -> None:
+        if await self._ensure_connected(peer_id):
             await self.links.send(peer_id, message)
-        finally:
-            live.busy = False
 
-    async def _ensure_connected(self, peer_id: str, live: PeerLiveness) -> bool:
+    def _keep_connected(self, peer_id: str) -> None:
+        live = self.liveness.setdefault(peer_id, PeerLiveness())
+        if live.dialing or connection_info(self.host, peer_id)[0] != "none":
+            return
+        if time.monotonic() - live.last_dial < self.config.heartbeat_s or self._nursery is None:
+            return
+        self._nursery.start_soon(self._ensure_connected, peer_id)
+
+    async def _ensure_connected(self, peer_id: str) -> bool:
         if connection_info(self.host, peer_id)[0] != "none":
             return True
-        member = self.table.get(peer_id)
-        if member is None:
+        member = self.membership.table.get(peer_id)
+        live = self.liveness.setdefault(peer_id, PeerLiveness())
+        if member is None or live.dialing:
             return False
-        now = time.monotonic()
-        if now - live.last_dial < self.config.heartbeat_s:
-            return False
-        live.last_dial = now
+        live.dialing, live.last_dial = True, time.monotonic()
         info = PeerInfo(
             ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in member.record.addrs]
         )
@@ -230,6 +214,8 @@ class Node:
         except Exception as exc:  # unreachable for now: the next heartbeat tries again
             log.debug("cannot connect to member %s: %s", peer_id, exc)
             return False
+        finally:
+            live.dialing = False
         await self._add_to_dht(peer_id)
         return True
 
@@ -245,7 +231,7 @@ class Node:
             self._nursery.start_soon(self.links.forget, peer_id)
 
     async def _join(self, addr: str) -> None:
-        """Reach a bootstrap member and pull its member table; retry until in a swarm."""
+        """Reach a bootstrap member and sync the member table with it; retry until in a swarm."""
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         while True:
             try:
@@ -253,7 +239,7 @@ class Node:
                     await self.host.connect(info)
                 bootstrap = str(info.peer_id)
                 await self._add_to_dht(bootstrap)
-                if await self.links.send(bootstrap, {"t": "pull", "digest": self.table.digest()}):
+                if await self.links.send(bootstrap, self.membership.hello(time.time())):
                     log.info("joined swarm %r through %s", self.config.swarm, addr)
                     return
                 reason = "it did not accept a control stream (is it a shoal node of this swarm?)"
@@ -261,12 +247,8 @@ class Node:
                 reason = f"no answer within {self.config.connect_timeout_s} s"
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-            if self.table.others():
-                log.info(
-                    "bootstrap %s unreachable (%s); already in the swarm through others",
-                    addr,
-                    reason,
-                )
+            if self.membership.table.others():
+                log.info("bootstrap %s unreachable (%s); in the swarm through others", addr, reason)
                 return
             log.warning(
                 "cannot join through %s: %s; retrying in %.0f s",
@@ -277,114 +259,47 @@ class Node:
             await trio.sleep(self.config.join_retry_s)
 
     async def _on_message(self, sender: str, message: dict[str, Any]) -> None:
-        kind = message["t"]
-        try:
-            if kind == "hb":
-                await self._on_heartbeat(sender, message)
-            elif kind == "hb_ack":
-                self._on_heartbeat_ack(sender, message)
-            elif kind == "pull":
-                self._on_pull(sender, message)
-            elif kind == "recs":
-                self._on_records(sender, message)
-            else:
-                log.warning("ignoring message of unknown type %r from %s", kind[:40], sender)
-        except (RecordError, FrameError, KeyError, TypeError, ValueError) as exc:
-            self.rejected_records += 1
-            log.warning("rejected %s message from %s: %s", kind[:40], sender, exc)
-
-    def _offer(self, sender: str, wire: Any, now: float) -> None:
-        try:
-            offer = self.table.offer(wire, now)
-        except RecordError as exc:
-            self.rejected_records += 1
-            log.warning("rejected presence record from %s: %s", sender, exc)
-            return
-        pid = offer.record.peer_id
-        if offer.kind == "joined" and pid != self.peer_id:
-            log.info("member joined: %s %s", pid, list(offer.record.addrs))
-            self._spawn_heartbeat(pid, self.table.get(self.peer_id).wire)  # type: ignore[union-attr]
-        elif offer.kind == "left" and pid != self.peer_id:
-            log.info("member left: %s", pid)
-            self._forget(pid)
-
-    async def _on_heartbeat(self, sender: str, message: dict[str, Any]) -> None:
-        wire = message["rec"]
-        record_peer = _record_peer(wire)
-        if record_peer != sender:
-            raise RecordError(f"heartbeat carries the record of {record_peer}, not the sender's")
-        self._offer(sender, wire, time.time())
-        if sender not in self.table.peer_ids():
-            return  # a leave, or a record we refused: nothing to answer
-        reply = {"t": "hb_ack", "ts": _number(message["ts"]), "dh": self.table.digest_hash()}
-        self._reply(sender, reply)
-        self._maybe_pull(sender, message.get("dh"))
-
-    def _on_heartbeat_ack(self, sender: str, message: dict[str, Any]) -> None:
-        sent = _number(message["ts"])
-        rtt = time.monotonic() - sent
-        if 0 <= rtt < 600:
-            self.liveness.setdefault(sender, PeerLiveness()).rtt_ms = rtt * 1000
-        self._maybe_pull(sender, message.get("dh"))
-
-    def _maybe_pull(self, sender: str, digest_hash: Any) -> None:
-        if digest_hash == self.table.digest_hash():
-            return
-        live = self.liveness.setdefault(sender, PeerLiveness())
-        now = time.monotonic()
-        if now - live.last_pull < self.config.heartbeat_s:
-            return
-        live.last_pull = now
-        self._reply(sender, {"t": "pull", "digest": self.table.digest()})
-
-    def _on_pull(self, sender: str, message: dict[str, Any]) -> None:
-        digest = _digest(message["digest"])
-        self._reply(
-            sender,
-            {"t": "recs", "recs": self.table.newer_than(digest), "digest": self.table.digest()},
-        )
-
-    def _on_records(self, sender: str, message: dict[str, Any]) -> None:
-        records = message["recs"]
-        if not isinstance(records, list) or len(records) > MAX_RECORDS_PER_MESSAGE:
-            raise ValueError(f"recs must be a list of at most {MAX_RECORDS_PER_MESSAGE} records")
-        now = time.time()
-        for wire in records:
-            self._offer(sender, wire, now)
-        if "digest" in message:
-            missing = self.table.newer_than(_digest(message["digest"]))
-            if missing:
-                self._reply(sender, {"t": "recs", "recs": missing})
-
-    def _reply(self, peer_id: str, message: dict[str, Any]) -> None:
-        # Replies go out from their own task so the reader of the peer's stream never blocks.
-        if self._nursery is not None:
-            self._nursery.start_soon(self.links.send, peer_id, message)
+        reaction = self.membership.on_message(sender, message, time.time())
+        for reason in reaction.rejected:
+            self.rejected_messages += 1
+            log.warning(
+                "rejected %s message from %s: %s", str(message.get("t"))[:40], sender, reason
+            )
+        for record in reaction.joined:
+            log.info("member joined: %s %s", record.peer_id, list(record.addrs))
+            self._keep_connected(record.peer_id)
+        for peer_id in reaction.left:
+            log.info("member left: %s", peer_id)
+            self._forget(peer_id)
+        if reaction.rtt_s is not None:
+            self.liveness.setdefault(sender, PeerLiveness()).rtt_ms = reaction.rtt_s * 1000
+        for peer_id, reply in reaction.sends:
+            self._send(peer_id, reply)
 
     async def _leave(self) -> None:
-        now = time.time()
-        wire = self._record(now, leaving=True).sign(self.signer)
-        message = {"t": "hb", "rec": wire, "ts": time.monotonic(), "dh": b""}
         with trio.move_on_after(self.config.leave_timeout_s):
             async with trio.open_nursery() as nursery:
-                for member in self.table.others():
-                    nursery.start_soon(self.links.send, member.record.peer_id, message)
+                for peer_id, message in self.membership.leave(time.time()):
+                    nursery.start_soon(self.links.send, peer_id, message)
         log.info("left swarm %r", self.config.swarm)
 
     # ------------------------------------------------------------------ DHT
 
     async def _dht_loop(self) -> None:
         while True:
-            member = self.table.get(self.peer_id)
-            if member is not None and self.table.others():
+            if self.membership.table.others():
                 try:
                     with trio.fail_after(self.config.dht_republish_s):
-                        await self.dht.put_value(
-                            presence_key(self.peer_id), msgpack.packb(member.wire)
-                        )
+                        await self.publish_to_dht()
                 except Exception as exc:
                     log.debug("DHT publish of own record failed: %s", exc)
             await trio.sleep(self.config.dht_republish_s)
+
+    async def publish_to_dht(self) -> None:
+        """Store this node's current signed record at the DHT nodes closest to its key."""
+        member = self.membership.table.get(self.peer_id)
+        if member is not None:
+            await self.dht.put_value(presence_key(self.peer_id), msgpack.packb(member.wire))
 
     async def lookup(self, peer_id: str) -> PresenceRecord | None:
         """A member's current record from the DHT (for a peer known only by its id)."""
@@ -407,11 +322,20 @@ class Node:
             self.request_stop()
             return {"stopping": True}
         if cmd == "dht_get":
+            started = time.perf_counter()
             record = await self.lookup(str(request.get("peer_id", "")))
-            return (
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            found = (
                 None if record is None else {"peer_id": record.peer_id, "addrs": list(record.addrs)}
             )
-        raise ControlError(f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get")
+            return {"record": found, "elapsed_ms": elapsed_ms}
+        if cmd == "dht_put":
+            started = time.perf_counter()
+            await self.publish_to_dht()
+            return {"elapsed_ms": (time.perf_counter() - started) * 1000}
+        raise ControlError(
+            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get, dht_put"
+        )
 
     def p2p_addrs(self) -> list[str]:
         return [f"{a}/p2p/{self.peer_id}" for a in self.addrs]
@@ -419,7 +343,7 @@ class Node:
     def status(self) -> dict[str, Any]:
         now = time.time()
         peers = []
-        for member in self.table.others():
+        for member in self.membership.table.others():
             pid = member.record.peer_id
             kind, remotes = connection_info(self.host, pid)
             live = self.liveness.get(pid)
@@ -446,40 +370,14 @@ class Node:
             "home": str(self.config.home),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "reachability": "unknown",
-            "swarm_size": len(self.table.peer_ids()),
+            "swarm_size": len(self.membership.table.peer_ids()),
             "peers": peers,
             "bytes_in": WIRE.bytes_in,
             "bytes_out": WIRE.bytes_out,
-            "rejected": {"records": self.rejected_records, "frames": self.links.rejected_frames},
+            "rejected": {"messages": self.rejected_messages, "frames": self.links.rejected_frames},
             "training": self.training,
             "allreduce": self.allreduce,
         }
-
-
-def _record_peer(wire: Any) -> str:
-    """The peer id a wire record claims (its signature is checked when it is offered)."""
-    if not isinstance(wire, dict) or not isinstance(wire.get("body"), bytes):
-        raise RecordError("heartbeat without a record")
-    try:
-        fields = msgpack.unpackb(wire["body"], raw=False)
-        return str(fields[1])
-    except Exception:
-        raise RecordError("heartbeat record body is malformed") from None
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return float(value)
-
-
-def _digest(value: Any) -> dict[str, int]:
-    if not isinstance(value, dict) or len(value) > 100_000:
-        raise ValueError("digest must be a map of peer id to sequence number")
-    for key, seq in value.items():
-        if not isinstance(key, str) or isinstance(seq, bool) or not isinstance(seq, int):
-            raise ValueError("digest must map peer ids to integers")
-    return value
 
 
 def _mentions_bind_failure(exc: BaseException) -> bool:

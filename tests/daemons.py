@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 
 # Fast membership for tests: records expire 4 s after their last refresh.
-FAST = ["--heartbeat-s", "0.5", "--record-ttl-s", "4", "--join-retry-s", "0.5"]
+FAST = ["--heartbeat-s", "0.3", "--record-ttl-s", "4", "--join-retry-s", "0.5"]
 
 
 def wait_until(
@@ -99,8 +99,11 @@ class Daemon:
     def peer_id(self) -> str:
         return self.join_addr.rsplit("/p2p/", 1)[1]
 
+    def control(self, cmd: str, timeout_s: float = 5.0, **args: Any) -> Any:
+        return call(self.home / "control.sock", cmd, timeout_s=timeout_s, **args)
+
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = call(self.home / "control.sock", "status")
+        result: dict[str, Any] = self.control("status")
         return result
 
     def view(self) -> set[str]:

@@ -139,9 +139,10 @@ async def test_bad_frames_and_records_from_a_peer_are_rejected_with_reasons(tmp_
 
             tampered = record(rogue)
             tampered = {"body": tampered["body"][:-1] + b"\xc3", "sig": tampered["sig"]}
+            forged = {"body": record(honest)["body"], "sig": rogue.sign(record(honest)["body"])}
             bad_messages = [
-                {"t": "hb", "rec": tampered, "ts": 0.0, "dh": b""},  # bad signature
-                {"t": "hb", "rec": record(honest), "ts": 0.0, "dh": b""},  # someone else's record
+                {"t": "sync", "recs": [tampered], "digest": {}, "ts": 0.0},
+                {"t": "recs", "recs": [forged]},  # someone else's record, signed by the rogue
                 {"t": "recs", "recs": "not a list"},
                 {"t": "frobnicate"},
             ]
@@ -157,10 +158,12 @@ async def test_bad_frames_and_records_from_a_peer_are_rejected_with_reasons(tmp_
                 return all(
                     needle in text
                     for needle in (
-                        f"rejected presence record from {rogue.peer_id}: bad signature",
-                        f"rejected hb message from {rogue.peer_id}: heartbeat carries the record",
-                        f"rejected recs message from {rogue.peer_id}",
-                        f"unknown type 'frobnicate' from {rogue.peer_id}",
+                        f"rejected sync message from {rogue.peer_id}: presence record refused: "
+                        f"bad signature for peer {rogue.peer_id}",
+                        f"rejected recs message from {rogue.peer_id}: presence record refused: "
+                        f"bad signature for peer {honest.peer_id}",
+                        f"rejected recs message from {rogue.peer_id}: malformed recs message",
+                        f"from {rogue.peer_id}: unknown membership message type 'frobnicate'",
                         f"closing control stream from {rogue.peer_id}: declared frame length",
                         f"closing control stream from {rogue.peer_id}: malformed msgpack",
                     )
