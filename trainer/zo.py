@@ -73,6 +73,7 @@ __all__ = [
     "spsa_projected_gradient",
     "state_bytes",
     "state_hash",
+    "step_log_bytes",
     "update_scalar",
 ]
 
@@ -153,7 +154,7 @@ class ZOStepMetrics:
     step: int
     records_applied: int
     records_skipped_zero: int
-    step_log_bytes: int
+    step_log_bytes: int  # bytes this step adds to a record log (see step_log_bytes())
     own_records: int = 0
     loss: float | None = None
 
@@ -347,7 +348,7 @@ def apply_step(
     """Apply one step's full agreed record set in canonical (peer_id, sample_index) order."""
     ordered = validate_step_records(step, records, settings)
     applied, skipped = apply_records_in_order(params, ordered, settings, kseeds)
-    log_bytes = len(encode_record_log([(step, ordered)], settings)) - _LOG_EMPTY_OVERHEAD
+    log_bytes = step_log_bytes(ordered, bool(settings.fedkseed_k))
     return ZOStepMetrics(
         step=step,
         records_applied=applied,
@@ -491,7 +492,33 @@ def rebuild_from_scalars(
 _LOG_MAGIC = b"SZOL"
 _LOG_VERSION = 1
 _FLAG_SEED_INDEX = 1
-_LOG_EMPTY_OVERHEAD = 4 + 1 + 1 + 2 + 4  # magic, version, flags, n_peers, n_steps
+
+
+def _runs(ordered: Sequence[SeedRecord]) -> list[list[SeedRecord]]:
+    """Split canonically ordered records into runs of consecutive samples of one peer."""
+    runs: list[list[SeedRecord]] = []
+    for r in ordered:
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None
+            and last.peer_id == r.peer_id
+            and last.sample_index + 1 == r.sample_index
+            and len(runs[-1]) < 0xFFFF
+        ):
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
+def step_log_bytes(ordered: Sequence[SeedRecord], fedkseed: bool) -> int:
+    """Bytes one step adds to a record log whose peer table already lists its peers.
+
+    12 bytes of step header, 8 per run of consecutive samples of one peer, then 1 byte per
+    record (plus 4 for the seed index in FedKSeed mode).
+    """
+    per_record = 5 if fedkseed else 1
+    return 12 + sum(8 + per_record * len(run) for run in _runs(ordered))
 
 
 def encode_record_log(steps: Iterable[StepRecords], settings: ZOSettings) -> bytes:
@@ -515,18 +542,7 @@ def encode_record_log(steps: Iterable[StepRecords], settings: ZOSettings) -> byt
         out += struct.pack("<B", len(raw)) + raw
     out += struct.pack("<I", len(step_list))
     for step, recs in step_list:
-        runs: list[list[SeedRecord]] = []
-        for r in recs:
-            last = runs[-1][-1] if runs else None
-            if (
-                last is not None
-                and last.peer_id == r.peer_id
-                and last.sample_index + 1 == r.sample_index
-                and len(runs[-1]) < 0xFFFF
-            ):
-                runs[-1].append(r)
-            else:
-                runs.append([r])
+        runs = _runs(recs)
         out += struct.pack("<QI", step, len(runs))
         for run in runs:
             out += struct.pack("<HIH", peer_index[run[0].peer_id], run[0].sample_index, len(run))
