@@ -101,8 +101,9 @@ class ZOSettings:
     # Refuse z kinds whose bits may differ across hardware (see zo_rng.ZKind.keeps_parity).
     parity_required: bool = True
     code: OneByteCode = field(default_factory=OneByteCode)
-    # Elements of z generated at once per parameter tensor (bounds scratch memory:
-    # about 12 bytes per element for Rademacher, ~40 for SUM4/BOX_MULLER).
+    # Local only (results do not depend on it): elements of z generated at once per parameter
+    # tensor, which bounds scratch memory (about 12 bytes per element for Rademacher, ~60 for
+    # SUM4/BOX_MULLER). Must be a multiple of 32 (one hash word of Rademacher signs).
     chunk_elements: int = 1 << 20
     # FedKSeed: 0 = off (seed from (swarm, step, peer_id, sample_index)); K > 0 = records
     # choose one of K candidate seeds derived from (swarm, run_seed).
@@ -292,14 +293,31 @@ def validate_step_records(
             f"{settings.max_records_per_step}"
         )
     for r in recs:
+        if not isinstance(r, SeedRecord):
+            raise InvalidRecord(f"expected a SeedRecord, got {type(r).__name__}")
         if r.step != step:
             raise InvalidRecord(f"record for step {r.step} in the record set of step {step}")
-        if isinstance(r.code, bool) or not isinstance(r.code, int):
-            raise InvalidRecord(f"code must be an int, got {type(r.code).__name__}")
+        for label, value in (("code", r.code), ("sample_index", r.sample_index)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRecord(f"{label} must be an int, got {type(value).__name__}")
         if not CODE_MIN <= r.code <= CODE_MAX:
             raise InvalidRecord(f"code {r.code} outside {CODE_MIN}..{CODE_MAX}")
         if not 0 <= r.sample_index < 2**32:
             raise InvalidRecord(f"sample_index {r.sample_index} outside 0..2**32-1")
+        if not isinstance(r.peer_id, str):
+            raise InvalidRecord(f"peer_id must be a str, got {type(r.peer_id).__name__}")
+        if settings.fedkseed_k:
+            if (
+                isinstance(r.seed_index, bool)
+                or not isinstance(r.seed_index, int)
+                or not 0 <= r.seed_index < settings.fedkseed_k
+            ):
+                raise InvalidRecord(
+                    f"FedKSeed record from {r.peer_id} needs a seed_index in "
+                    f"0..{settings.fedkseed_k - 1}, got {r.seed_index!r}"
+                )
+        elif r.seed_index is not None:
+            raise InvalidRecord("seed_index is only valid in FedKSeed mode (fedkseed_k > 0)")
         if not r.peer_id or len(r.peer_id.encode("utf-8")) > settings.max_peer_id_bytes:
             raise InvalidRecord(
                 f"peer_id must be 1..{settings.max_peer_id_bytes} UTF-8 bytes, got {r.peer_id!r}"

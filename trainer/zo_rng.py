@@ -162,7 +162,7 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 def _bit_shifts(device: torch.device) -> torch.Tensor:
     shifts = _BIT_SHIFTS.get(device)
     if shifts is None:
-        shifts = torch.arange(32, dtype=torch.int64, device=device)
+        shifts = torch.arange(16, dtype=torch.int32, device=device)
         _BIT_SHIFTS[device] = shifts
     return shifts
 
@@ -190,11 +190,14 @@ def z_chunk(
         last_word = (stop - 1) >> 5
         words = torch.arange(first_word, last_word + 1, dtype=torch.int64, device=dev)
         h = hash_words(words, keys)
-        bits = ((h.unsqueeze(1) >> _bit_shifts(dev)) & 1).reshape(-1)
+        # Unpack in two 16-bit halves held as int32 (values < 2**16, so the narrowing is exact):
+        # element j of a word is bit j of its hash. int32 shifts are ~10x faster than int64.
+        halves = torch.stack((h & 0xFFFF, h >> 16), dim=1).to(torch.int32)
+        bits = ((halves.unsqueeze(2) >> _bit_shifts(dev)) & 1).reshape(-1)
         offset = start & 31
         bits = bits[offset : offset + n]
         # 1 - 2*bit is +1 or -1, exactly representable.
-        return (1 - 2 * bits).to(torch.float32)
+        return bits.to(torch.float32).mul_(-2.0).add_(1.0)
     idx = torch.arange(start, stop, dtype=torch.int64, device=dev)
     if kind is ZKind.SUM4:
         # Two 32-bit hashes per element give four 16-bit uniforms; their sum is exact.

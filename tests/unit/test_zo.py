@@ -220,6 +220,16 @@ def test_zero_code_records_are_no_ops_even_for_negative_zero() -> None:
     assert torch.signbit(state["w"][0])
 
 
+@pytest.mark.parametrize("kind", [ZKind.RADEMACHER, ZKind.SUM4])
+def test_chunk_size_does_not_change_the_applied_state(kind: ZKind) -> None:
+    steps = random_steps(3, PEERS[:2], 2)
+    hashes = set()
+    for chunk in (32, 96, 1 << 20):
+        settings = ZOSettings(swarm="s", z_kind=kind, chunk_elements=chunk)
+        hashes.add(state_hash(replay(fp32_state(2000), steps, settings)))
+    assert len(hashes) == 1
+
+
 def test_non_contiguous_parameters_get_z_in_logical_order() -> None:
     settings = ZOSettings(swarm="s", chunk_elements=64)
     base = torch.randn(30, 20)
