@@ -65,6 +65,7 @@ __all__ = [
     "ZOTrainer",
     "apply_records_in_order",
     "apply_step",
+    "clone_params",
     "decode_record_log",
     "encode_record_log",
     "named_params",
@@ -74,7 +75,9 @@ __all__ = [
     "state_bytes",
     "state_hash",
     "step_log_bytes",
+    "subtract_scaled_z",
     "update_scalar",
+    "validate_step_records",
 ]
 
 
@@ -236,7 +239,7 @@ def update_scalar(lr: float, code: OneByteCode, code_byte: int) -> float:
     return float(struct.unpack("<f", struct.pack("<f", lr32 * g32))[0])
 
 
-def add_scaled_z(
+def subtract_scaled_z(
     params: NamedParams,
     seed: int,
     scale: float,
@@ -351,7 +354,7 @@ def apply_records_in_order(
         if c == 0.0:
             skipped += 1
             continue
-        add_scaled_z(named, seed, c, settings.z_kind, settings.chunk_elements)
+        subtract_scaled_z(named, seed, c, settings.z_kind, settings.chunk_elements)
         applied += 1
     return applied, skipped
 
@@ -420,9 +423,13 @@ def spsa_projected_gradient(
     eps = settings.eps
     try:
         with torch.no_grad():
-            add_scaled_z(saved_named, seed, -eps, settings.z_kind, settings.chunk_elements, named)
+            subtract_scaled_z(
+                saved_named, seed, -eps, settings.z_kind, settings.chunk_elements, named
+            )
             loss_plus = float(loss_fn(model, batch))
-            add_scaled_z(saved_named, seed, eps, settings.z_kind, settings.chunk_elements, named)
+            subtract_scaled_z(
+                saved_named, seed, eps, settings.z_kind, settings.chunk_elements, named
+            )
             loss_minus = float(loss_fn(model, batch))
     finally:
         with torch.no_grad():
@@ -501,7 +508,7 @@ def rebuild_from_scalars(
     for seed, scalar in zip(kseed.seeds, kseed.scalars, strict=True):
         a32 = float(struct.unpack("<f", struct.pack("<f", scalar))[0])
         if a32 != 0.0:
-            add_scaled_z(named, seed, a32, settings.z_kind, settings.chunk_elements)
+            subtract_scaled_z(named, seed, a32, settings.z_kind, settings.chunk_elements)
     return state
 
 

@@ -18,7 +18,6 @@ from trainer.zo import (
     StepOutOfOrder,
     ZOSettings,
     ZOTrainer,
-    add_scaled_z,
     apply_records_in_order,
     apply_step,
     clone_params,
@@ -30,6 +29,7 @@ from trainer.zo import (
     spsa_projected_gradient,
     state_bytes,
     state_hash,
+    subtract_scaled_z,
     update_scalar,
 )
 from trainer.zo_quant import NonFiniteGradient
@@ -124,7 +124,7 @@ def test_in_place_perturb_and_restore_would_drift() -> None:
     seed = derive_seed("s", 0, "p", 0)
     with torch.no_grad():
         for scale in (-1e-3, 2e-3, -1e-3):
-            add_scaled_z(named, seed, scale, ZKind.SUM4, 1 << 20)
+            subtract_scaled_z(named, seed, scale, ZKind.SUM4, 1 << 20)
     assert state_hash(model) != before
 
 
