@@ -481,6 +481,42 @@ def test_fedkseed_trainers_stay_identical_and_log_round_trips() -> None:
     assert state_hash(replay(snapshot, decoded, settings)) == trainers[0].state_hash()
 
 
+def test_fedkseed_rebase_lets_a_joiner_catch_up_from_theta_0_and_k_scalars() -> None:
+    settings = ZOSettings(swarm="fk", lr=3e-3, fedkseed_k=8, fedkseed_rebase_steps=5)
+    trainers = [
+        ZOTrainer(make_lm(), lm_loss, bigram_batches(i), peer, settings)
+        for i, peer in enumerate(PEERS[:2])
+    ]
+    theta_0 = clone_params(trainers[0].model)
+    log = []
+    scalars_after_step_9: list[float] = []
+    for step in range(12):
+        records = [r for t in trainers for r in t.produce_records(step, 2)]
+        for t in trainers:
+            t.apply_step(step, records)
+        log.append((step, records))
+        if step == 9:
+            assert trainers[0].kseed is not None
+            scalars_after_step_9 = list(trainers[0].kseed.scalars)
+    live = trainers[0].state_hash()
+    assert trainers[1].state_hash() == live
+
+    # Joiner: theta_0 + the K scalars as of the rebase after step 9 + records of steps 10, 11.
+    kseed = KSeedState.for_run(settings)
+    kseed.scalars = list(scalars_after_step_9)
+    at_rebase = rebuild_from_scalars(theta_0, kseed, settings)
+    caught_up = replay(at_rebase, log[10:], settings, theta_0=theta_0, kseed=kseed)
+    assert state_hash(caught_up) == live
+    # A full replay from theta_0 reproduces it too, rebases included.
+    full = replay(theta_0, log, settings, theta_0=theta_0, kseed=KSeedState.for_run(settings))
+    assert state_hash(full) == live
+    # The rebase really changed the path: plain step-by-step lands on other (close) bits.
+    plain = ZOSettings(swarm="fk", lr=3e-3, fedkseed_k=8)
+    assert state_hash(replay(theta_0, log, plain)) != live
+    with pytest.raises(ValueError, match="theta_0"):
+        replay(theta_0, log, settings)
+
+
 def test_weighted_seed_sampling_prefers_seeds_with_large_accumulated_scalars() -> None:
     settings = ZOSettings(swarm="fk", fedkseed_k=8)
     kseed = KSeedState.for_run(settings)
