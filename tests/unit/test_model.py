@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,3 +150,18 @@ def test_tokenizer_round_trips_text_and_bytes() -> None:
     assert tok.vocab_size == 259 and len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
     with pytest.raises(TokenIdError):
         tok.decode([300])
+
+
+def test_hugging_face_loader_says_what_to_install_when_transformers_is_absent(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    from trainer.hf import HuggingFaceUnavailableError, load_local_causal_lm
+
+    if importlib.util.find_spec("transformers") is not None:
+        with pytest.raises(HuggingFaceUnavailableError, match=r"config\.json"):
+            load_local_causal_lm(str(tmp_path))
+        return
+    with pytest.raises(HuggingFaceUnavailableError, match="pip install transformers"):
+        load_local_causal_lm(str(tmp_path))
