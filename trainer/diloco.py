@@ -208,14 +208,29 @@ def weighted_mean(grads: Sequence[PseudoGradient]) -> torch.Tensor:
     return out.div_(float(total))
 
 
+def _update_with_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+    digest.update(tensor_raw_bytes(t))
+
+
 def shared_state_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over (name, dtype, shape, raw bytes) of each tensor, in sorted name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        digest.update(tensor_raw_bytes(t))
+        _update_with_tensor(digest, name, tensors[name])
     return digest.hexdigest()
+
+
+def shared_tensor_hashes(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """SHA-256 of each tensor's (name, dtype, shape, raw bytes), by name: what a peer
+    compares to fetch only the tensors that differ from the popular state."""
+    out = {}
+    for name in sorted(tensors):
+        digest = hashlib.sha256()
+        _update_with_tensor(digest, name, tensors[name])
+        out[name] = digest.hexdigest()
+    return out
 
 
 class DiLoCoWorker:
@@ -413,6 +428,12 @@ class DiLoCoWorker:
         momentum = self.layout.views(self.outer.momentum_buffer)
         named.update({MOMENTUM_PREFIX + n: t for n, t in momentum.items()})
         return dict(sorted(named.items()))
+
+    def snapshot_shared_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Copies of the shared tensors and their revision, taken together under the lock,
+        so a checkpoint or a sync donor never sees half of an outer step."""
+        with self._lock:
+            return {n: t.clone() for n, t in self.shared_state().items()}, self.revision
 
     def load_shared_state(self, tensors: Mapping[str, torch.Tensor], *, revision: int) -> None:
         """Replace theta and the outer momentum with `tensors` (same names, shapes, fp32,

@@ -16,6 +16,7 @@ from trainer.diloco import (
     RoundOrderError,
     SharedStateError,
     shared_state_hash,
+    shared_tensor_hashes,
     weighted_mean,
 )
 from trainer.model import ModelConfig, build_model
@@ -303,6 +304,13 @@ def test_fresh_worker_loading_shared_state_hashes_equal() -> None:
     assert shared_state_hash(reordered) == shared_state_hash(copied)
     copied[PARAM_PREFIX + "embed.weight"].view(torch.int32)[0, 0] ^= 1
     assert shared_state_hash(copied) != trained.state_hash()
+    # per-tensor hashes single out the one tensor a peer would have to fetch
+    ours, theirs = shared_tensor_hashes(copied), shared_tensor_hashes(trained.shared_state())
+    assert [n for n in ours if ours[n] != theirs[n]] == [PARAM_PREFIX + "embed.weight"]
+    snapshot, revision = trained.snapshot_shared_state()
+    assert revision == 2 and shared_state_hash(snapshot) == trained.state_hash()
+    trained.apply_outer(torch.ones(trained.layout.numel), round_index=2)
+    assert shared_state_hash(snapshot) != trained.state_hash()  # a copy, not views
 
 
 def test_loading_mismatched_shared_state_is_refused_without_changes() -> None:
