@@ -465,7 +465,8 @@ class DiLoCoWorker:
     # -- metrics --------------------------------------------------------------------------
 
     def evaluate(self, batches: Sequence[Batch]) -> float:
-        """Held-out loss of the *global* params theta (loads theta into the model first)."""
+        """Held-out loss of the *global* params theta. It loads theta into the local model,
+        so call it between rounds, not while a round trains."""
         self.begin_round()
         self.last_eval_loss = evaluate_loss(self.model, batches, self.device)
         return self.last_eval_loss

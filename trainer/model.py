@@ -254,7 +254,9 @@ class Transformer(nn.Module):
             )
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ModelInputError(f"tokens must be an integer tensor, got {tokens.dtype}")
-        time = tokens.shape[1]
+        batch, time = tokens.shape
+        if batch == 0:
+            raise ModelInputError("empty batch")
         if not 0 < time <= self.config.context_tokens:
             raise ModelInputError(
                 f"sequence length {time} is outside 1..{self.config.context_tokens}"

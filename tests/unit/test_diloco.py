@@ -166,6 +166,9 @@ def test_two_workers_make_the_tiny_models_eval_loss_fall() -> None:
     assert metrics.revision == 3 and metrics.inner_step == 24
     assert metrics.tokens_total == 3 * 8 * 8 * 64
     assert metrics.eval_loss == final and metrics.train_loss is not None
+    # the inner AdamW state carried over all three rounds
+    embed = workers[0].model.embed.weight
+    assert int(workers[0].inner.state[embed]["step"]) == 24
     assert metrics.tokens_per_s is not None and metrics.tokens_per_s > 0
 
 

@@ -136,6 +136,8 @@ def test_bad_configs_and_inputs_raise_clear_errors() -> None:
         model(torch.zeros((1, 4)))
     with pytest.raises(ModelInputError, match="shape"):
         model(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ModelInputError, match="empty"):
+        model(torch.zeros((0, 4), dtype=torch.int64))
 
 
 def test_tokenizer_round_trips_text_and_bytes() -> None:
