@@ -57,7 +57,8 @@ class RoundOrderError(RuntimeError):
 
 
 class InnerLossNotFiniteError(FloatingPointError):
-    """An inner step produced a NaN/inf loss; the local model is no longer usable."""
+    """An inner step's loss is NaN/inf. Raised before that step's backward pass, so theta and
+    the inner optimizer state are untouched; `begin_round()` restarts from theta."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from trainer.diloco import (
     PARAM_PREFIX,
     DiLoCoSettings,
     DiLoCoWorker,
+    InnerLossNotFiniteError,
     OuterUpdateError,
     OverlappedRounds,
     PseudoGradient,
@@ -123,6 +124,25 @@ def test_apply_outer_refuses_bad_updates_and_leaves_theta_alone() -> None:
     with pytest.raises(RoundOrderError):
         worker.apply_outer(torch.zeros(2), round_index=1)
     assert worker.state_hash() == before and worker.revision == 0
+
+
+def test_a_nan_inner_loss_stops_the_round_before_touching_the_optimizer() -> None:
+    calls = []
+
+    def loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        scale = float("nan") if len(calls) == 3 else 1.0
+        return (model.w * scale).sum()
+
+    worker = DiLoCoWorker(
+        Vector([1.0, 2.0]), dummy_batches(), DiLoCoSettings(inner_steps=5), loss_fn=loss
+    )
+    worker.begin_round()
+    with pytest.raises(InnerLossNotFiniteError):
+        worker.run_inner_steps()
+    assert worker.inner_step == 2
+    assert int(worker.inner.state[worker.model.w]["step"]) == 2
+    assert torch.isfinite(worker.model.w).all()
 
 
 def test_weighted_mean_weights_by_tokens() -> None:
