@@ -120,7 +120,8 @@ def _source_files(settings: CorpusSettings) -> list[tuple[str, Path]]:
             out.append((path.name, path))
         elif path.is_dir():
             files = _walk_files(path, settings.folder_suffixes, frozenset({"__pycache__"}))
-            out.extend(((Path(path.name) / p.relative_to(path)).as_posix(), p) for p in files)
+            name = path.resolve().name
+            out.extend(((Path(name) / p.relative_to(path)).as_posix(), p) for p in files)
         else:
             raise CorpusError(f"training data source {str(path)!r} is not a file or a folder")
     return out

@@ -13,6 +13,7 @@ from trainer.data import (
     heldout_batches,
     is_heldout,
     load_corpus,
+    read_documents,
 )
 from trainer.model import ModelConfig, build_model
 from trainer.tokenizer import BOS_ID, EOS_ID
@@ -80,12 +81,12 @@ def test_user_files_and_folders_are_read_in_sorted_order(tmp_path: Path) -> None
     single.write_text("one more file\n" * 30)
     settings = CorpusSettings(sources=(str(folder), str(single)), heldout_fraction=0.2)
     corpus = load_corpus(settings)
-    ids = corpus.train_ids + corpus.heldout_ids
-    assert set(ids) == {f"texts/doc{i:02d}.txt#0" for i in range(40)} | {
-        "texts/sub/notes.md#0",
-        "single.txt#0",
-    }
-    assert list(corpus.train_ids) == [d for d in ids if d in set(corpus.train_ids)]
+    expected_order = [f"texts/doc{i:02d}.txt#0" for i in range(40)]
+    expected_order += ["texts/sub/notes.md#0", "single.txt#0"]
+    assert sorted(corpus.train_ids + corpus.heldout_ids) == sorted(expected_order)
+    train = set(corpus.train_ids)
+    assert list(corpus.train_ids) == [d for d in expected_order if d in train]
+    assert 0 < len(corpus.heldout_ids) < len(expected_order) // 2
     stream = corpus.train_tokens
     assert int(stream[0]) == BOS_ID and int(stream[-1]) == EOS_ID
     assert int((stream == BOS_ID).sum()) == len(corpus.train_ids)
@@ -137,3 +138,17 @@ def test_eval_batches_are_fixed_and_the_loss_helper_restores_train_mode(
     assert model.training
     assert 4.0 < loss < 7.0  # about ln(259) = 5.56 for an untrained model
     assert loss == evaluate_loss(model, batches)
+
+
+def test_one_big_file_is_cut_into_chunks_that_feed_both_splits(tmp_path: Path) -> None:
+    text = "".join(f"line {i}: some words here\n" for i in range(8000)).encode()
+    big = tmp_path / "big.txt"
+    big.write_bytes(text)
+    settings = CorpusSettings(sources=(str(big),), document_chunk_bytes=4096)
+    chunks = read_documents(settings)
+    assert [d.doc_id for d in chunks] == [f"big.txt#{i}" for i in range(len(chunks))]
+    assert b"".join(d.data for d in chunks) == text
+    corpus = load_corpus(settings)
+    assert corpus.train_ids and corpus.heldout_ids
+    capped = read_documents(CorpusSettings(sources=(str(big),), max_total_bytes=10_000))
+    assert b"".join(d.data for d in capped) == text[:10_000]
