@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
@@ -97,23 +98,24 @@ def install_wire_counters() -> WireCounters:
 
 
 class PresenceValidator(Validator):
-    """DHT validator for ``/shoal-presence/<peer_id>``: a valid signed record of that peer."""
+    """DHT validator for ``/shoal-presence/<peer_id>``: a valid signed record of that peer.
 
-    def __init__(self, swarm: str) -> None:
+    The DHT answers "where is peer P?", and addresses outlive the short membership expiry, so
+    a stored record is accepted until it is ``max_age_s`` old rather than until its own ttl.
+    """
+
+    def __init__(self, swarm: str, max_age_s: float) -> None:
         self.swarm = swarm
+        self.max_age_s = max_age_s
 
     def validate(self, key: str, value: bytes) -> None:
-        import msgpack
-
         record = decode_record(msgpack.unpackb(value, raw=False), self.swarm)
         if key != presence_key(record.peer_id):
             raise RecordError(f"record of {record.peer_id} stored under foreign key {key}")
-        if record.expires_at <= time.time():
-            raise RecordError(f"expired record of {record.peer_id}")
+        if record.issued_at + self.max_age_s <= time.time():
+            raise RecordError(f"record of {record.peer_id} older than {self.max_age_s} s")
 
     def select(self, key: str, values: list[bytes]) -> int:
-        import msgpack
-
         best, best_seq = 0, -1
         for index, value in enumerate(values):
             try:
@@ -163,10 +165,12 @@ def build_host(seed: bytes, listen: Sequence[str]) -> IHost:
     )
 
 
-def build_dht(host: IHost, swarm: str) -> KadDHT:
+def build_dht(host: IHost, swarm: str, record_max_age_s: float) -> KadDHT:
     """A server-mode DHT whose only value namespace holds signed presence records."""
     use_swarm_dht_protocol(swarm)
-    validator = NamespacedValidator({PRESENCE_NAMESPACE: PresenceValidator(swarm)})
+    validator = NamespacedValidator(
+        {PRESENCE_NAMESPACE: PresenceValidator(swarm, record_max_age_s)}
+    )
     return KadDHT(
         host,
         DHTMode.SERVER,

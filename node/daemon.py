@@ -137,7 +137,7 @@ class Node:
         ]
         if not self.addrs:
             raise StartupError(f"not listening on any address ({self.config.listen})")
-        self.dht = build_dht(self.host, self.config.swarm)
+        self.dht = build_dht(self.host, self.config.swarm, self.config.dht_record_max_age_s)
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
@@ -303,7 +303,9 @@ class Node:
 
     async def lookup(self, peer_id: str) -> PresenceRecord | None:
         """A member's current record from the DHT (for a peer known only by its id)."""
-        value = await self.dht.get_value(presence_key(peer_id))
+        # quorum=1: the first valid signed record ends the walk (py-libp2p otherwise queries
+        # every candidate); records carry their own sequence number, so a stale one is visible.
+        value = await self.dht.get_value(presence_key(peer_id), quorum=1)
         if value is None:
             return None
         return decode_record(msgpack.unpackb(value, raw=False), self.config.swarm)

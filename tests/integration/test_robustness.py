@@ -53,6 +53,16 @@ def test_unreachable_bootstrap_is_retried_while_the_node_keeps_running(tmp_path:
         assert node.alive and node.status()["swarm_size"] == 1
 
 
+def test_nodes_of_another_swarm_cannot_join(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        ours = spawn("ours", "--swarm", "ours").wait_ready()
+        theirs = spawn("theirs", "--swarm", "theirs", join=ours).wait_ready()
+        wait_until(
+            lambda: any("did not accept a control stream" in x for x in theirs.lines), 30, "refusal"
+        )
+        assert ours.view() == {ours.peer_id} and theirs.view() == {theirs.peer_id}
+
+
 def test_port_in_use_and_home_in_use_are_refused_clearly(tmp_path: Path) -> None:
     port = free_port()
     with swarm_of(tmp_path) as spawn:
