@@ -828,6 +828,11 @@ class BulkListener:
         self._spent_set: set[bytes] = set()
         self._handshakes = 0
 
+    @property
+    def pending_handshakes(self) -> int:
+        """Connections accepted but not yet admitted or refused."""
+        return self._handshakes
+
     async def serve(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and run handshakes until cancelled. `nursery.start` returns the port."""
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -889,7 +894,11 @@ class BulkListener:
                 stream.socket.close()
 
     async def wait_channel(self, token: bytes, peer: str = "") -> BulkChannel:
-        """Wait (handshake_timeout_s) until every connection of an answered offer arrived."""
+        """The channel of an answered offer, once all its connections arrived.
+
+        Waits at most handshake_timeout_s; connections that came before this call are kept
+        (until offer_ttl_s), so the order of dialing and calling this does not matter.
+        """
         pending = self._offers.get(token)
         if pending is None:
             raise BulkHandshakeError("no pending offer with this token")
@@ -903,6 +912,8 @@ class BulkListener:
                 f"only {arrived} of {wanted} bulk connections arrived within "
                 f"handshake_timeout_s={self.settings.handshake_timeout_s}"
             )
+        if self._offers.pop(token, None) is not pending:
+            raise BulkHandshakeError("this offer's channel was already taken")
         assert pending.keys is not None
         conns = [
             _Connection(i, _SocketTransport(pending.streams[i]), pending.keys, True)
@@ -919,8 +930,8 @@ class BulkListener:
     def _expire_offers(self) -> None:
         now = trio.current_time()
         for token, pending in list(self._offers.items()):
-            if pending.expires_at < now and not pending.complete.is_set():
-                log.info("bulk offer expired unanswered or incomplete")
+            if pending.expires_at < now:
+                log.info("bulk offer expired before its channel was taken")
                 self.forget_offer(token)
 
     async def _handshake(self, stream: trio.SocketStream) -> None:
@@ -957,6 +968,8 @@ class BulkListener:
             if hello.token in self._spent_set:
                 return "token already spent (reuse refused)"
             return "unknown token"
+        if pending.complete.is_set():
+            return "token already spent (reuse refused)"
         if trio.current_time() > pending.expires_at:
             self.forget_offer(hello.token)
             return "token expired"
@@ -964,7 +977,7 @@ class BulkListener:
         keys = pending.keys
         assert keys is not None
         verify_hello(keys, hello)
-        if self._offers.get(hello.token) is not pending:
+        if pending.complete.is_set() or self._offers.get(hello.token) is not pending:
             return "token already spent (reuse refused)"
         if hello.index in pending.streams:
             return f"connection index {hello.index} of this token already used (reuse refused)"
@@ -976,8 +989,7 @@ class BulkListener:
             raise
         pending.acked += 1
         if pending.acked == keys.connections:
-            del self._offers[hello.token]
-            self._mark_spent(hello.token)
+            self._mark_spent(hello.token)  # stays in _offers until wait_channel takes it
             pending.complete.set()
         return ""
 

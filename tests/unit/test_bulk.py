@@ -281,6 +281,39 @@ async def test_silent_connection_is_dropped_after_handshake_timeout(
     assert "no valid hello within handshake_timeout_s" in caplog.text
 
 
+async def test_dialing_before_the_answer_or_the_wait_still_connects() -> None:
+    settings = small_settings(connections_per_peer=2)
+    async with trio.open_nursery() as nursery:
+        listener = BulkListener(settings)
+        await nursery.start(listener.serve)
+        offer = BulkOffer.from_wire(listener.create_offer())
+        answer = make_answer(offer, 2)
+        keys = derive_session_keys(offer, answer)
+        dialed: list[BulkChannel] = []
+
+        async def dial() -> None:
+            dialed.append(await dial_direct_channel(offer, keys, settings))
+
+        nursery.start_soon(dial)
+        with trio.fail_after(5):
+            while listener.pending_handshakes < 2:  # both connections are in their handshake
+                await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        assert not dialed  # no ack before the listener has the answer
+        listener.accept_answer(answer.to_wire())
+        with trio.fail_after(5):
+            while not dialed:
+                await trio.sleep(0.01)
+        # every connection was acked before anyone asked for the channel
+        listening = await listener.wait_channel(offer.token)
+        async with listening.running() as lch, dialed[0].running() as dch:
+            await dch.send(3, b"late but fine")
+            assert await lch.receive(3) == b"late but fine"
+        with pytest.raises(BulkHandshakeError):
+            await listener.wait_channel(offer.token)
+        nursery.cancel_scope.cancel()
+
+
 async def test_answer_for_unknown_offer_is_rejected() -> None:
     settings = small_settings()
     async with trio.open_nursery() as nursery:
@@ -494,7 +527,9 @@ async def test_claiming_a_buffered_transfer_makes_room() -> None:
         await raw.send(raw.frame(1, 2000, 0, 2000, b"a" * 2000))
         await raw.send(raw.frame(2, 2000, 0, 2000, b"b" * 2000))
         assert await channel.receive(1) == b"a" * 2000
-        assert await channel.receive(2) == b"b" * 2000
+        into = bytearray(2000)
+        assert await channel.receive(2, into=into) == b"b" * 2000
+        assert into == b"b" * 2000
         assert channel.failure is None
 
 
