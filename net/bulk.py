@@ -31,13 +31,16 @@ Rules the channel keeps:
   whole channel: chunks are striped, so the loss of one connection loses part of every
   transfer in flight. Waiting receivers and senders get the reason; the owner re-offers.
 
-Why the AES work runs on the trio thread (not `trio.to_thread.run_sync`): `cryptography`
-releases the GIL in AES-GCM (two threads encrypt at ~20 GB/s together vs ~10 GB/s for one,
-measured here), but at ~10 GB/s a 1 MiB chunk takes ~0.1 ms, the same order as one thread
-hand-off, and on this 2-core machine the sending and receiving processes already keep both
-cores busy with socket copies. Measured with tests/bench/bench_bulk.py (see its output):
-inline crypto is not slower than the thread offload here, and it keeps frame order and
-buffer ownership simple. Revisit on machines with more cores than busy connections.
+Why the AES work runs on the trio thread, not in `trio.to_thread.run_sync` (measured on the
+2-core build machine, 2026-11): `cryptography` does release the GIL in AES-GCM (one thread
+encrypts ~10 GB/s, two threads ~20 GB/s together), so offloading would let a second core work.
+But a 1 MiB chunk seals in ~0.1 ms, the same order as one thread hand-off, and on two cores
+the sending and receiving processes already keep both cores busy (the sender also pays the
+kernel's loopback copy). A/B with tests/bench/bench_bulk.py, 2 connections, 768 MiB: inline
+crypto cost 0.28-0.35 CPU-s in the sender against 0.42-0.49 with the offload, and moved
+0.8-1.7 GB/s against 1.0-1.1 GB/s (wall clock on a machine shared with other jobs). Less CPU
+per byte wins where CPU is the limit, and inline keeps frame order and buffer ownership
+simple. Revisit on machines with spare cores and links faster than one core's copy rate.
 """
 
 from __future__ import annotations
@@ -378,7 +381,7 @@ class BulkChannel:
         self._failure: BulkError | None = None
         self._closing = False
         self._reader_scope: trio.CancelScope | None = None
-        self._stopped = trio.Event()
+        self._rotation = 0
 
     # -- public state --------------------------------------------------------------------
 
@@ -414,7 +417,6 @@ class BulkChannel:
                 self._fail(BulkClosedError("channel stopped"), log_it=False)
             for conn in self._conns:
                 await trio.aclose_forcefully(conn.transport)  # type: ignore[arg-type]
-            self._stopped.set()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[BulkChannel]:
@@ -472,8 +474,9 @@ class BulkChannel:
         """Send one transfer, striped over all connections in chunks of `chunk_bytes`.
 
         Returns when every frame has been handed to the transport (not when the peer has
-        consumed it). A failure or cancellation part-way fails the whole channel: the peer
-        could never complete the transfer, and a half-written frame desynchronises the stream.
+        consumed it). A failure or cancellation after the first frame was started fails the
+        whole channel: the peer could never complete the transfer, and a half-written frame
+        desynchronises the stream. Cancelled before any frame started, nothing happened.
         """
         self._raise_failure()
         if self._closing:
@@ -495,8 +498,12 @@ class BulkChannel:
             raise BulkTransferError(f"tag {tag} is already being sent on this channel")
         chunk = self.settings.chunk_bytes
         n_chunks = math.ceil(total / chunk) if total else 1
-        next_chunk = 0
+        next_chunk = 0  # chunks handed to a connection (the frame may still be in flight)
         chunks_sent = 0
+        # Rotate the first connection so that many small transfers spread over all of them.
+        first = self._rotation % len(self._conns)
+        self._rotation += 1
+        conns = self._conns[first:] + self._conns[:first]
 
         async def pump(conn: _Connection) -> None:
             # Connections pull the next chunk when free, so a faster one carries more.
@@ -514,14 +521,16 @@ class BulkChannel:
 
         self._sending.add(tag)
         try:
-            if n_chunks == 1 or len(self._conns) == 1:
-                await pump(self._conns[0])
+            if n_chunks == 1 or len(conns) == 1:
+                await pump(conns[0])
             else:
                 async with trio.open_nursery() as nursery:
-                    for conn in self._conns[:n_chunks]:
+                    for conn in conns[:n_chunks]:
                         nursery.start_soon(pump, conn)
         except BaseException as exc:
             leaf = _leaf_exception(exc)
+            if next_chunk == 0 and isinstance(leaf, trio.Cancelled):
+                raise  # cancelled while waiting for a connection: no byte went out
             reason = self._send_failure(leaf, tag, chunks_sent, n_chunks)
             self._fail(reason)
             if isinstance(leaf, BulkError | trio.BrokenResourceError | trio.ClosedResourceError):

@@ -509,6 +509,30 @@ async def test_sender_times_out_when_peer_stops_reading(
             await sender.send(2, b"after failure")
 
 
+async def test_cancelled_send_fails_the_channel_only_once_a_frame_went_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = small_settings(io_timeout_s=10.0, connections_per_peer=1)
+    a, _b = trio.testing.lockstep_stream_pair()  # nobody reads: the first frame never finishes
+    sender = stream_channel(a, stream_keys(), is_listener=False, settings=settings)
+    async with sender.running(), trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def send_first() -> None:
+            with first:
+                await sender.send(1, bytes(1000))
+
+        nursery.start_soon(send_first)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(1.0):
+            await sender.send(2, b"waits for the connection")  # never gets the lock
+        assert sender.failure is None
+        first.cancel()  # this one was mid-frame
+        await trio.testing.wait_all_tasks_blocked()
+        assert isinstance(sender.failure, BulkClosedError)
+        assert "send of tag 1 stopped after 0 of 1 chunks: cancelled" in str(sender.failure)
+
+
 async def test_unclaimed_transfers_beyond_budget_fail_the_channel(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
