@@ -406,6 +406,8 @@ class BulkChannel:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain every connection until the channel closes or fails; never raises BulkError."""
+        if self._reader_scope is not None:
+            raise RuntimeError("BulkChannel.run was already started")
         try:
             async with trio.open_nursery() as nursery:
                 self._reader_scope = nursery.cancel_scope
