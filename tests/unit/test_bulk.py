@@ -8,6 +8,7 @@ stream, where the test writes frames by hand with the same keys; the reader code
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ from net.bulk_frames import (
     CIPHER_CHACHA20,
     FRAME_HEADER_BYTES,
     FRAME_MAGIC,
+    HELLO_BYTES,
     KIND_DATA,
     BulkAnswer,
     FrameCipher,
@@ -202,6 +204,52 @@ async def test_tag_can_be_reused_after_it_was_received() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dch.send, 5, data)
                 assert await lch.receive(5) == data
+
+
+async def test_byte_flipped_on_the_tcp_path_fails_the_transfer_with_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+    settings = small_settings(connections_per_peer=1)
+    flip_at = HELLO_BYTES + FRAME_HEADER_BYTES + 1000  # inside the first frame's ciphertext
+    async with trio.open_nursery() as nursery:
+        listener = BulkListener(settings)
+        port = await nursery.start(listener.serve)
+
+        async def flipping_proxy(client: trio.SocketStream) -> None:
+            # forwards dialer -> listener with one bit flipped, listener -> dialer untouched
+            upstream = await trio.open_tcp_stream("127.0.0.1", port)
+
+            async def pipe(src: trio.SocketStream, dst: trio.SocketStream, flip: bool) -> None:
+                seen = 0
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while data := bytearray(await src.receive_some(65536)):
+                        if flip and seen <= flip_at < seen + len(data):
+                            data[flip_at - seen] ^= 0x80
+                        seen += len(data)
+                        await dst.send_all(data)
+                await trio.aclose_forcefully(dst)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(pipe, client, upstream, True)
+                both.start_soon(pipe, upstream, client, False)
+
+        proxies = await nursery.start(trio.serve_tcp, flipping_proxy, 0)
+        proxy_port = proxies[0].socket.getsockname()[1]
+        offer = BulkOffer.from_wire(listener.create_offer())
+        answer = make_answer(offer, 1)
+        listener.accept_answer(answer.to_wire())
+        via_proxy = dataclasses.replace(offer, ports=(proxy_port,))
+        dch = await dial_direct_channel(via_proxy, derive_session_keys(offer, answer), settings)
+        lch = await listener.wait_channel(offer.token)
+        async with lch.running(), dch.running():
+            await dch.send(1, os.urandom(10_000))
+            with pytest.raises(BulkProtocolError, match="failed authentication"):
+                await lch.receive(1)
+            with pytest.raises(BulkClosedError):  # the listener closed the connection
+                await dch.receive(2)
+        nursery.cancel_scope.cancel()
+    assert "failed authentication" in caplog.text
 
 
 async def test_spent_token_is_refused_with_logged_reason(caplog: pytest.LogCaptureFixture) -> None:
