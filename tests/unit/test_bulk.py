@@ -227,7 +227,7 @@ async def test_byte_flipped_on_the_tcp_path_fails_the_transfer_with_reason(
                         if flip and seen <= flip_at < seen + len(data):
                             data[flip_at - seen] ^= 0x80
                         seen += len(data)
-                        await dst.send_all(data)
+                        await dst.send_all(bytes(data))
                 await trio.aclose_forcefully(dst)
 
             async with trio.open_nursery() as both:
