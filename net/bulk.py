@@ -328,6 +328,11 @@ class _Inbound:
         self.last_progress = now
         self.unclaimed_charge = 0
 
+    @property
+    def complete(self) -> bool:
+        """Every chunk arrived and was authenticated."""
+        return self.total is not None and self.chunks_left == 0
+
     def start(self, total: int, chunk_len: int) -> None:
         self.total = total
         self.chunk_len = chunk_len
@@ -646,10 +651,11 @@ class BulkChannel:
         except BaseException:
             self._abandon(t)
             raise
+        if t.error is not None:
+            self._abandon(t)
+            raise type(t.error)(*t.error.args) from t.error
         if self._inbound.get(tag) is t:
             del self._inbound[tag]
-        if t.error is not None:
-            raise type(t.error)(*t.error.args) from t.error
         self.counters.transfers_received += 1
         assert t.target is not None
         if dest is None:
@@ -667,9 +673,13 @@ class BulkChannel:
         return f"{len(t.seen) - t.chunks_left} of {len(t.seen)} chunks of {t.total} bytes"
 
     def _abandon(self, t: _Inbound) -> None:
-        """The receiver stopped waiting: never write to its buffer again; drop the rest."""
+        """The receiver stopped waiting: never write to its buffer again; drop the rest.
+
+        A transfer still under way stays in the table, marked abandoned, so that its remaining
+        frames are authenticated and dropped (not mistaken for a new transfer of that tag).
+        """
         t.into = None
-        if t.done.is_set() or t.total is None:
+        if t.complete or t.total is None or self._failure is not None:
             if self._inbound.get(t.tag) is t:
                 del self._inbound[t.tag]
             return
@@ -748,10 +758,10 @@ class BulkChannel:
                         f"transfer {tag} has {total} bytes, into has {len(t.into)}"
                     )
                     t.into = None
-                    t.done.set()
                     t.abandoned = True
                     t.target = None
-            elif t.done.is_set():
+                    t.done.set()
+            elif t.complete:
                 raise BulkProtocolError(
                     f"transfer {tag} sent again before the previous one was received"
                 )

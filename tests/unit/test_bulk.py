@@ -521,6 +521,11 @@ async def test_stalled_transfer_raises_timeout(autojump_clock: trio.testing.Mock
         with pytest.raises(BulkTimeout, match="1 of 2 chunks"):
             await channel.receive(1)
         assert trio.current_time() - start == pytest.approx(3.0)
+        # the late chunk is authenticated and dropped; the tag then starts a new transfer
+        await raw.send(raw.frame(1, 2000, 1000, 1000, bytes(1000)))
+        await raw.send(raw.frame(1, 3, 0, 3, b"new"))
+        assert await channel.receive(1) == b"new"
+        assert channel.failure is None
 
 
 async def test_receive_of_a_transfer_that_never_starts_times_out(
@@ -615,8 +620,10 @@ async def test_into_of_wrong_size_is_refused() -> None:
 
             nursery.start_soon(wrong_size)
             await trio.testing.wait_all_tasks_blocked()
-            await raw.send(raw.frame(1, 20, 0, 20, bytes(20)))
+            await raw.send(raw.frame(1, 20, 0, 8, bytes(8)))
         # the rest of the transfer is consumed and dropped; the channel stays usable
+        await raw.send(raw.frame(1, 20, 8, 8, bytes(8)))
+        await raw.send(raw.frame(1, 20, 16, 8, bytes(4)))
         await raw.send(raw.frame(2, 5, 0, 5, b"hello"))
         assert await channel.receive(2, into=bytearray(5)) == b"hello"
         with pytest.raises(BulkTransferError, match="writable"):
