@@ -293,7 +293,7 @@ class _Connection:
 
 
 class _Inbound:
-    """Receiver-side state of one transfer (a tag)."""
+    """Receiver-side state of one transfer, or of one receive() still waiting for its transfer."""
 
     __slots__ = (
         "abandoned",
@@ -304,16 +304,19 @@ class _Inbound:
         "error",
         "into",
         "last_progress",
+        "ordered",
         "owned",
         "seen",
         "tag",
         "target",
         "total",
+        "transfer",
         "unclaimed_charge",
     )
 
     def __init__(self, tag: int, now: float) -> None:
         self.tag = tag
+        self.transfer: int | None = None  # the sender's transfer id, once a frame arrived
         self.total: int | None = None  # unknown until the first frame
         self.chunk_len = 0
         self.chunks_left = 0
@@ -321,9 +324,10 @@ class _Inbound:
         self.into: memoryview | None = None  # the receiver's buffer, if it gave one
         self.owned: bytearray | None = None  # our buffer, if the data did not go into `into`
         self.target: memoryview | None = None  # where frames are decrypted to
-        self.claimed = False
+        self.claimed = False  # a receive() has (or had) it
+        self.ordered = False  # its chunk 0 arrived, which fixes its place among its tag's
         self.abandoned = False  # receiver gave up: authenticate and drop what still comes
-        self.done = trio.Event()
+        self.done = trio.Event()  # complete, or failed
         self.error: BulkError | None = None
         self.last_progress = now
         self.unclaimed_charge = 0
@@ -333,7 +337,9 @@ class _Inbound:
         """Every chunk arrived and was authenticated."""
         return self.total is not None and self.chunks_left == 0
 
-    def start(self, total: int, chunk_len: int) -> None:
+    def start(self, transfer: int, total: int, chunk_len: int) -> None:
+        """Size the transfer from its first frame; decrypt into `into` when it fits exactly."""
+        self.transfer = transfer
         self.total = total
         self.chunk_len = chunk_len
         n_chunks = math.ceil(total / chunk_len) if total else 1
@@ -341,6 +347,14 @@ class _Inbound:
         self.seen = bytearray(n_chunks)
         if self.into is not None and len(self.into) == total:
             self.target = self.into
+        elif self.into is not None:
+            # The waiting receive() raises this; the frames are still authenticated and dropped.
+            self.error = BulkTransferError(
+                f"transfer {self.tag} has {total} bytes, into has {len(self.into)}"
+            )
+            self.into = None
+            self.abandoned = True
+            self.done.set()
         else:
             self.owned = bytearray(total)
             self.target = memoryview(self.owned)
@@ -360,8 +374,14 @@ class BulkChannel:
     """Tagged transfers between two peers over one or more framed connections.
 
     Run it (`async with channel.running():` or `await nursery.start(channel.run)`) for the
-    reader tasks; then `send` and `receive` from any task. Tags are the caller's: one transfer
-    per tag at a time in each direction; a tag can be reused once its transfer was received.
+    reader tasks; then `send` and `receive` from any task. Tags are the caller's names for
+    transfers: one send and one receive per tag at a time; sending a tag again queues another
+    transfer of that tag, and receives of a tag get its transfers in the order they were sent.
+
+    Ordering across striped connections: every frame names its transfer by the sender's own
+    transfer id, and chunk 0 of all transfers of one tag goes over the same connection (index
+    tag % connections), so the receiver learns of same-tag transfers in send order even when
+    their other chunks race ahead on other connections.
     """
 
     def __init__(
@@ -379,14 +399,17 @@ class BulkChannel:
         self.peer = peer
         self.counters = BulkCounters()
         self._limits = settings.frame_limits
-        self._inbound: dict[int, _Inbound] = {}
+        self._transfers: dict[int, _Inbound] = {}  # by the sender's transfer id
+        self._ready: dict[int, deque[_Inbound]] = {}  # by tag: ordered, nobody receiving yet
+        self._waiters: dict[int, _Inbound] = {}  # by tag: a receive() before its transfer
+        self._receiving: set[int] = set()
         self._sending: set[int] = set()
+        self._next_transfer = 0
         self._unclaimed_bytes = 0
         self._unclaimed_changed = trio.Event()
         self._failure: BulkError | None = None
         self._closing = False
         self._reader_scope: trio.CancelScope | None = None
-        self._rotation = 0
 
     # -- public state --------------------------------------------------------------------
 
@@ -401,6 +424,11 @@ class BulkChannel:
     @property
     def bytes_received(self) -> int:
         return self.counters.bytes_received
+
+    @property
+    def unclaimed_bytes(self) -> int:
+        """Bytes held for transfers that arrived before anyone asked to receive them."""
+        return self._unclaimed_bytes
 
     @property
     def failure(self) -> BulkError | None:
@@ -446,7 +474,7 @@ class BulkChannel:
                     for conn in self._conns:
                         try:
                             async with conn.send_lock:
-                                await self._send_frame(conn, KIND_CLOSE, 0, 0, 0, 0, None)
+                                await self._send_frame(conn, KIND_CLOSE, 0, 0, 0, 0, 0, None)
                         except (BulkError, trio.BrokenResourceError, trio.ClosedResourceError):
                             break
             self._fail(BulkClosedError("channel closed locally"), log_it=False)
@@ -460,12 +488,22 @@ class BulkChannel:
         self._failure = exc
         if log_it:
             log.warning("bulk channel to %s (%s) failed: %s", self.peer or "?", self.path, exc)
-        for tag, t in list(self._inbound.items()):
+        for w in self._waiters.values():
+            w.error = exc
+            w.done.set()
+        self._waiters.clear()
+        for transfer, t in list(self._transfers.items()):
             if not t.done.is_set():
                 t.error = exc
                 t.done.set()
                 if not t.claimed:
-                    del self._inbound[tag]
+                    del self._transfers[transfer]
+        for tag, queue in list(self._ready.items()):
+            kept = deque(t for t in queue if t.complete)
+            if kept:
+                self._ready[tag] = kept
+            else:
+                del self._ready[tag]
         self._unclaimed_changed.set()
         if self._reader_scope is not None:
             self._reader_scope.cancel()
@@ -503,40 +541,49 @@ class BulkChannel:
             )
         if tag in self._sending:
             raise BulkTransferError(f"tag {tag} is already being sent on this channel")
+        transfer = self._next_transfer
+        self._next_transfer += 1
         chunk = self.settings.chunk_bytes
         n_chunks = math.ceil(total / chunk) if total else 1
-        next_chunk = 0  # chunks handed to a connection (the frame may still be in flight)
+        next_chunk = 1  # chunk 0 goes first, on the tag's home connection (see class doc)
+        frames_started = 0
         chunks_sent = 0
-        # Rotate the first connection so that many small transfers spread over all of them.
-        first = self._rotation % len(self._conns)
-        self._rotation += 1
-        conns = self._conns[first:] + self._conns[:first]
+        home = tag % len(self._conns)
+        conns = self._conns[home:] + self._conns[:home]
 
-        async def pump(conn: _Connection) -> None:
+        async def send_chunk(conn: _Connection, i: int) -> None:
+            nonlocal frames_started, chunks_sent
+            offset = i * chunk
+            part = view[offset : offset + chunk]
+            frames_started += 1
+            await self._send_frame(conn, KIND_DATA, tag, transfer, total, offset, chunk, part)
+            chunks_sent += 1
+
+        async def pump(conn: _Connection, first: bool) -> None:
             # Connections pull the next chunk when free, so a faster one carries more.
-            nonlocal next_chunk, chunks_sent
+            nonlocal next_chunk
+            if first:
+                async with conn.send_lock:
+                    await send_chunk(conn, 0)
             while True:
                 async with conn.send_lock:
                     if next_chunk >= n_chunks:
                         return
                     i = next_chunk
                     next_chunk += 1
-                    offset = i * chunk
-                    part = view[offset : offset + chunk]
-                    await self._send_frame(conn, KIND_DATA, tag, total, offset, chunk, part)
-                    chunks_sent += 1
+                    await send_chunk(conn, i)
 
         self._sending.add(tag)
         try:
             if n_chunks == 1 or len(conns) == 1:
-                await pump(conns[0])
+                await pump(conns[0], first=True)
             else:
                 async with trio.open_nursery() as nursery:
-                    for conn in conns[:n_chunks]:
-                        nursery.start_soon(pump, conn)
+                    for k, conn in enumerate(conns[:n_chunks]):
+                        nursery.start_soon(pump, conn, k == 0)
         except BaseException as exc:
             leaf = _leaf_exception(exc)
-            if next_chunk == 0 and isinstance(leaf, trio.Cancelled):
+            if frames_started == 0 and isinstance(leaf, trio.Cancelled):
                 raise  # cancelled while waiting for a connection: no byte went out
             reason = self._send_failure(leaf, tag, chunks_sent, n_chunks)
             self._fail(reason)
@@ -562,6 +609,7 @@ class BulkChannel:
         conn: _Connection,
         kind: int,
         tag: int,
+        transfer: int,
         total: int,
         offset: int,
         chunk_len: int,
@@ -571,7 +619,8 @@ class BulkChannel:
         length = len(part) if part is not None else 0
         frame = conn.send_view(FRAME_HEADER_BYTES + length + AEAD_TAG_BYTES)
         header = frame[:FRAME_HEADER_BYTES]
-        pack_header_into(header, kind, tag, total, offset, chunk_len if total else 0, length)
+        chunk_len = chunk_len if total else 0
+        pack_header_into(header, kind, tag, transfer, total, offset, chunk_len, length)
         body = frame[FRAME_HEADER_BYTES:]
         conn.sealer.seal_into(header, part if part is not None else memoryview(b""), body)
         try:
@@ -603,15 +652,16 @@ class BulkChannel:
         *,
         timeout_s: float | None = None,
     ) -> bytearray | memoryview:
-        """Wait for transfer `tag` to complete; return its bytes.
+        """Wait for the next transfer of `tag` to complete; return its bytes.
 
         With `into` (a writable buffer of exactly the transfer's length) the bytes land there
         (decrypted straight into it when this call came before the first frame) and a flat
         byte view of `into` is returned; without, a fresh bytearray of the declared length.
         Raises BulkTimeout when no frame of this transfer arrives for `timeout_s` (default
         io_timeout_s), BulkTransferError when `into` has the wrong size, and the channel's
-        failure (BulkClosedError, BulkProtocolError, ...) if it stops first. After an error
-        the contents of `into` are undefined.
+        failure (BulkClosedError, BulkProtocolError, ...) if it stops first. A receive that
+        gives up before its transfer started leaves that transfer for the next receive; one
+        that gives up part-way drops the rest of it. After an error `into` is undefined.
         """
         timeout = self.settings.io_timeout_s if timeout_s is None else timeout_s
         dest: memoryview | None = None
@@ -621,21 +671,25 @@ class BulkChannel:
                 raise BulkTransferError("into must be a writable C-contiguous buffer")
             if dest.ndim != 1 or dest.itemsize != 1:
                 dest = dest.cast("B")
-        t = self._inbound.get(tag)
-        if t is None:
-            self._raise_failure()
-            t = _Inbound(tag, trio.current_time())
-            t.claimed = True
-            t.into = dest
-            self._inbound[tag] = t
-            self._poke_unclaimed()  # a reader waiting for room may now route to us
-        elif t.claimed:
+        if tag in self._receiving:
             raise BulkTransferError(f"tag {tag} is already being received")
-        else:
+        queue = self._ready.get(tag)
+        if queue:
+            t = queue.popleft()
+            if not queue:
+                del self._ready[tag]
             t.claimed = True
             self._release_unclaimed(t)
             t.into = dest
             t.last_progress = max(t.last_progress, trio.current_time())
+        else:
+            self._raise_failure()
+            t = _Inbound(tag, trio.current_time())
+            t.claimed = True
+            t.into = dest
+            self._waiters[tag] = t
+            self._poke_unclaimed()  # a reader waiting for room may now route to us
+        self._receiving.add(tag)
         try:
             if dest is not None and t.total is not None and t.total != len(dest):
                 raise BulkTransferError(f"transfer {tag} has {t.total} bytes, into has {len(dest)}")
@@ -648,22 +702,21 @@ class BulkChannel:
                     )
                 with trio.move_on_at(deadline):
                     await t.done.wait()
+            if t.error is not None:
+                raise type(t.error)(*t.error.args) from t.error
         except BaseException:
             self._abandon(t)
             raise
-        if t.error is not None:
-            self._abandon(t)
-            raise type(t.error)(*t.error.args) from t.error
-        if self._inbound.get(tag) is t:
-            del self._inbound[tag]
+        finally:
+            self._receiving.discard(tag)
+        if t.transfer is not None and self._transfers.get(t.transfer) is t:
+            del self._transfers[t.transfer]
         self.counters.transfers_received += 1
         assert t.target is not None
         if dest is None:
             return t.owned if t.owned is not None else bytearray(t.target)
         if t.target is not dest:
-            if t.total != len(dest):
-                raise BulkTransferError(f"transfer {tag} has {t.total} bytes, into has {len(dest)}")
-            dest[:] = t.target
+            dest[:] = t.target  # it arrived before this receive: one copy
         return dest
 
     @staticmethod
@@ -673,15 +726,19 @@ class BulkChannel:
         return f"{len(t.seen) - t.chunks_left} of {len(t.seen)} chunks of {t.total} bytes"
 
     def _abandon(self, t: _Inbound) -> None:
-        """The receiver stopped waiting: never write to its buffer again; drop the rest.
+        """The receiver stopped waiting: never write to its buffer again.
 
-        A transfer still under way stays in the table, marked abandoned, so that its remaining
-        frames are authenticated and dropped (not mistaken for a new transfer of that tag).
+        A receive that never got its transfer leaves nothing behind. A transfer under way
+        stays in the table, marked abandoned, so its remaining frames are authenticated and
+        dropped (the reader removes it after its last chunk).
         """
         t.into = None
-        if t.complete or t.total is None or self._failure is not None:
-            if self._inbound.get(t.tag) is t:
-                del self._inbound[t.tag]
+        if self._waiters.get(t.tag) is t:
+            del self._waiters[t.tag]
+            return
+        if t.complete or t.transfer is None or self._failure is not None:
+            if t.transfer is not None and self._transfers.get(t.transfer) is t:
+                del self._transfers[t.transfer]
             return
         t.abandoned = True
         t.target = None
@@ -696,19 +753,32 @@ class BulkChannel:
             t.unclaimed_charge = 0
             self._poke_unclaimed()
 
-    async def _inbound_for(self, tag: int, total: int) -> _Inbound:
-        """The transfer a new frame belongs to; a new unclaimed one must fit the budget."""
+    async def _open_transfer(
+        self, tag: int, transfer: int, total: int, chunk_len: int, first: bool
+    ) -> _Inbound:
+        """State for a transfer id seen for the first time.
+
+        Its chunk 0 goes straight to a receive() waiting for the tag; anything else is held
+        as unclaimed, within max_unclaimed_bytes (waiting up to io_timeout_s for room).
+        """
         limit = self.settings.max_unclaimed_bytes
         deadline = trio.current_time() + self.settings.io_timeout_s
         while True:
-            t = self._inbound.get(tag)
-            if t is not None:
+            known = self._transfers.get(transfer)  # another reader may have opened it meanwhile
+            if known is not None:
+                return known
+            if first and tag in self._waiters:
+                t = self._waiters.pop(tag)
+                t.start(transfer, total, chunk_len)
+                t.ordered = True
+                self._transfers[transfer] = t
                 return t
             if self._unclaimed_bytes + total <= limit:
                 t = _Inbound(tag, trio.current_time())
+                t.start(transfer, total, chunk_len)
                 t.unclaimed_charge = total
                 self._unclaimed_bytes += total
-                self._inbound[tag] = t
+                self._transfers[transfer] = t
                 return t
             changed = self._unclaimed_changed
             with trio.move_on_at(deadline):
@@ -719,6 +789,27 @@ class BulkChannel:
                     f"({self._unclaimed_bytes} held by transfers nobody received) within "
                     f"io_timeout_s={self.settings.io_timeout_s}"
                 )
+
+    def _order(self, t: _Inbound) -> _Inbound:
+        """Chunk 0 of unclaimed `t` arrived: hand it to a waiting receive() or queue it."""
+        t.ordered = True
+        w = self._waiters.pop(t.tag, None)
+        if w is None:
+            self._ready.setdefault(t.tag, deque()).append(t)
+            return t
+        # A receive() is waiting: its object takes over what arrived so far (one copy of the
+        # chunks that raced ahead of chunk 0; usually none).
+        assert t.transfer is not None and t.total is not None and t.owned is not None
+        self._release_unclaimed(t)
+        w.start(t.transfer, t.total, t.chunk_len)
+        if w.target is not None and t.chunks_left < len(t.seen):
+            w.target[:] = t.owned
+        w.seen = t.seen
+        w.chunks_left = t.chunks_left
+        w.last_progress = t.last_progress
+        w.ordered = True
+        self._transfers[t.transfer] = w
+        return w
 
     async def _read_loop(self, conn: _Connection) -> None:
         try:
@@ -740,7 +831,7 @@ class BulkChannel:
                 if self._closing:
                     return
                 raise BulkClosedError("peer closed the connection without a close frame")
-            kind, tag, total, offset, chunk_len, length = parse_header(header, limits)
+            kind, tag, transfer, total, offset, chunk_len, length = parse_header(header, limits)
             sealed = conn.recv_view(length + AEAD_TAG_BYTES)
             if kind == KIND_CLOSE:
                 await self._receive_rest(transport, sealed, io_timeout)
@@ -749,31 +840,22 @@ class BulkChannel:
                 if all(c.closed_by_peer for c in self._conns):
                     self._fail(BulkClosedError("peer closed the channel"), log_it=False)
                 return
-            t = await self._inbound_for(tag, total)
-            if t.total is None:
-                t.start(total, chunk_len)
-                if t.into is not None and t.target is not t.into:
-                    # Size mismatch: the waiting receive() raises BulkTransferError.
-                    t.error = BulkTransferError(
-                        f"transfer {tag} has {total} bytes, into has {len(t.into)}"
-                    )
-                    t.into = None
-                    t.abandoned = True
-                    t.target = None
-                    t.done.set()
-            elif t.complete:
+            # The whole frame first: from the lookup below to the decrypt nothing awaits, so
+            # no other reader can reshape this transfer's state in between.
+            await self._receive_rest(transport, sealed, io_timeout)
+            t = self._transfers.get(transfer)
+            if t is None:
+                t = await self._open_transfer(tag, transfer, total, chunk_len, offset == 0)
+            if t.tag != tag or t.total != total or t.chunk_len != chunk_len:
                 raise BulkProtocolError(
-                    f"transfer {tag} sent again before the previous one was received"
+                    f"transfer {transfer} changed mid-way (tag {t.tag}->{tag}, "
+                    f"total {t.total}->{total}, chunk {t.chunk_len}->{chunk_len})"
                 )
-            elif t.total != total or t.chunk_len != chunk_len:
-                raise BulkProtocolError(
-                    f"transfer {tag} changed shape mid-way ({t.total}/{t.chunk_len} -> "
-                    f"{total}/{chunk_len})"
-                )
+            if offset == 0 and not t.ordered:
+                t = self._order(t)
             index = offset // chunk_len if total else 0
             if t.seen[index]:
                 raise BulkProtocolError(f"transfer {tag}: chunk at offset {offset} sent twice")
-            await self._receive_rest(transport, sealed, io_timeout)
             target = t.target
             if target is None:  # abandoned: authenticate into scratch and drop
                 conn.opener.open_into(header, sealed, memoryview(bytearray(length)))
@@ -785,8 +867,8 @@ class BulkChannel:
             self.counters.bytes_received += length
             if t.chunks_left == 0:
                 t.done.set()
-                if t.abandoned and self._inbound.get(tag) is t:
-                    del self._inbound[tag]
+                if t.abandoned and self._transfers.get(transfer) is t:
+                    del self._transfers[transfer]
 
     @staticmethod
     async def _receive_rest(transport: _Transport, view: memoryview, timeout_s: float) -> None:

@@ -20,11 +20,13 @@ it is secret and authenticated; what travels on the bulk TCP connections is not,
 
 Frame layout on the wire (little-endian), header passed to the AEAD as associated data:
 
-    magic 4s | version u8 | kind u8 | flags u16 | tag u64 | total u64 | offset u64 |
-    chunk_len u32 | length u32 | ciphertext (length bytes) | AEAD tag (16 bytes)
+    magic 4s | version u8 | kind u8 | flags u16 | tag u64 | transfer u64 | total u64 |
+    offset u64 | chunk_len u32 | length u32 | ciphertext (length bytes) | AEAD tag (16 bytes)
 
-`total` is the transfer's whole length, carried by every frame, so a transfer is complete only
-when all `ceil(total / chunk_len)` chunks have been authenticated. The nonce is not sent: each
+`tag` is the caller's name for a transfer; `transfer` is the sender's own counter, unique per
+channel direction, so two transfers of one tag in flight at once never mix. `total` is the
+transfer's whole length, carried by every frame, so a transfer is complete only when all
+`ceil(total / chunk_len)` chunks have been authenticated. The nonce is not sent: each
 side counts frames per connection, so a dropped, replayed or reordered frame fails to decrypt.
 """
 
@@ -51,8 +53,8 @@ KIND_DATA = 1
 KIND_CLOSE = 2
 _KINDS = frozenset((KIND_DATA, KIND_CLOSE))
 
-FRAME_HEADER = struct.Struct("<4sBBHQQQII")
-FRAME_HEADER_BYTES = FRAME_HEADER.size  # 40
+FRAME_HEADER = struct.Struct("<4sBBHQQQQII")
+FRAME_HEADER_BYTES = FRAME_HEADER.size  # 48
 AEAD_TAG_BYTES = 16
 
 TOKEN_BYTES = 32
@@ -343,27 +345,39 @@ def pack_header_into(
     buf: bytearray | memoryview,
     kind: int,
     tag: int,
+    transfer: int,
     total: int,
     offset: int,
     chunk_len: int,
     length: int,
 ) -> None:
     FRAME_HEADER.pack_into(
-        buf, 0, FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, tag, total, offset, chunk_len, length
+        buf,
+        0,
+        FRAME_MAGIC,
+        PROTOCOL_VERSION,
+        kind,
+        0,
+        tag,
+        transfer,
+        total,
+        offset,
+        chunk_len,
+        length,
     )
 
 
 def parse_header(
     buf: bytearray | memoryview, limits: FrameLimits
-) -> tuple[int, int, int, int, int, int]:
-    """Check a frame header; return (kind, tag, total, offset, chunk_len, length).
+) -> tuple[int, int, int, int, int, int, int]:
+    """Check a frame header; return (kind, tag, transfer, total, offset, chunk_len, length).
 
     Checks everything a header alone can show: magic, version, kind, that the chunk and the
     transfer fit the receiver's caps, and that (offset, length) is exactly one chunk of the
     transfer. Duplicate chunks and totals that change mid-transfer are checked by the caller.
     """
-    magic, version, kind, flags, tag, total, offset, chunk_len, length = FRAME_HEADER.unpack_from(
-        buf
+    (magic, version, kind, flags, tag, transfer, total, offset, chunk_len, length) = (
+        FRAME_HEADER.unpack_from(buf)
     )
     if magic != FRAME_MAGIC:
         raise BulkProtocolError(f"bad frame magic {bytes(magic)!r}")
@@ -374,9 +388,9 @@ def parse_header(
     if flags != 0:
         raise BulkProtocolError(f"unknown frame flags {flags:#x}")
     if kind == KIND_CLOSE:
-        if tag or total or offset or chunk_len or length:
+        if tag or transfer or total or offset or chunk_len or length:
             raise BulkProtocolError("close frame with nonzero fields")
-        return kind, tag, total, offset, chunk_len, length
+        return kind, tag, transfer, total, offset, chunk_len, length
     if total > limits.max_transfer_bytes:
         raise BulkProtocolError(
             f"transfer {tag} declares {total} bytes, above max_transfer_bytes "
@@ -400,7 +414,7 @@ def parse_header(
             f"frame of transfer {tag} at offset {offset} carries {length} bytes, expected "
             f"{min(chunk_len, total - offset)}"
         )
-    return kind, tag, total, offset, chunk_len, length
+    return kind, tag, transfer, total, offset, chunk_len, length
 
 
 class FrameCipher:

@@ -116,9 +116,12 @@ class RawSender:
         chunk_len: int,
         payload: bytes,
         kind: int = KIND_DATA,
+        transfer: int | None = None,
     ) -> bytearray:
+        """One sealed frame; `transfer` (the sender's transfer id) defaults to the tag."""
         header = bytearray(FRAME_HEADER_BYTES)
-        pack_header_into(header, kind, tag, total, offset, chunk_len, len(payload))
+        xid = tag if transfer is None else transfer
+        pack_header_into(header, kind, tag, xid, total, offset, chunk_len, len(payload))
         sealed = bytearray(len(payload) + AEAD_TAG_BYTES)
         self.cipher.seal_into(memoryview(header), memoryview(payload), memoryview(sealed))
         return header + sealed
@@ -197,13 +200,43 @@ async def test_interleaved_tags_arrive_intact_in_any_receive_order() -> None:
             assert await lch.receive(tag) == payloads[tag]
 
 
-async def test_tag_can_be_reused_after_it_was_received() -> None:
-    async with direct_pair(small_settings(connections_per_peer=2)) as (lch, dch, *_):
-        for round_ in range(3):
-            data = bytes([round_]) * 300_000
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dch.send, 5, data)
+async def test_transfers_of_one_tag_are_received_in_send_order() -> None:
+    settings = small_settings(chunk_bytes=32 * KiB, connections_per_peer=3)
+    rounds = [os.urandom(100_000 + 7 * i) for i in range(6)]
+    async with direct_pair(settings) as (lch, dch, *_):
+        async with trio.open_nursery() as nursery:
+
+            async def send_all_rounds() -> None:
+                for data in rounds:  # back to back, not waiting for the receiver
+                    await dch.send(5, data)
+
+            nursery.start_soon(send_all_rounds)
+            for data in rounds:
                 assert await lch.receive(5) == data
+        assert lch.unclaimed_bytes == 0
+
+
+async def test_chunks_racing_ahead_of_chunk_zero_are_kept_in_order() -> None:
+    async with raw_to_channel(small_settings()) as (raw, channel):
+        first, second = b"A" * 300 + b"a" * 300, b"B" * 300 + b"b" * 300
+        async with trio.open_nursery() as nursery:
+            into = bytearray(600)
+            results: list[bytes] = []
+
+            async def receive_both() -> None:
+                results.append(bytes(await channel.receive(5, into=into)))
+                results.append(bytes(await channel.receive(5)))
+
+            nursery.start_soon(receive_both)
+            await trio.testing.wait_all_tasks_blocked()
+            # tails of both transfers first (as if they came over faster connections)
+            await raw.send(raw.frame(5, 600, 300, 300, second[300:], transfer=2))
+            await raw.send(raw.frame(5, 600, 300, 300, first[300:], transfer=1))
+            await raw.send(raw.frame(5, 600, 0, 300, first[:300], transfer=1))
+            await raw.send(raw.frame(5, 600, 0, 300, second[:300], transfer=2))
+        assert results == [first, second]
+        assert into == first
+        assert channel.unclaimed_bytes == 0
 
 
 async def test_byte_flipped_on_the_tcp_path_fails_the_transfer_with_reason(
@@ -458,7 +491,7 @@ async def test_length_above_max_chunk_is_rejected_before_reading_payload() -> No
     settings = small_settings(max_chunk_bytes=1 * MiB, chunk_bytes=64 * KiB)
     async with raw_to_channel(settings) as (raw, channel):
         header = bytearray(FRAME_HEADER_BYTES)
-        pack_header_into(header, KIND_DATA, 1, 8 * MiB, 0, 8 * MiB, 8 * MiB)
+        pack_header_into(header, KIND_DATA, 1, 1, 8 * MiB, 0, 8 * MiB, 8 * MiB)
         await raw.send(header)  # no payload follows: the header alone must be refused
         with pytest.raises(BulkProtocolError, match="above max_chunk_bytes"):
             await channel.receive(1)
@@ -523,7 +556,7 @@ async def test_stalled_transfer_raises_timeout(autojump_clock: trio.testing.Mock
         assert trio.current_time() - start == pytest.approx(3.0)
         # the late chunk is authenticated and dropped; the tag then starts a new transfer
         await raw.send(raw.frame(1, 2000, 1000, 1000, bytes(1000)))
-        await raw.send(raw.frame(1, 3, 0, 3, b"new"))
+        await raw.send(raw.frame(1, 3, 0, 3, b"new", transfer=99))
         assert await channel.receive(1) == b"new"
         assert channel.failure is None
 
