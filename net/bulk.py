@@ -304,6 +304,7 @@ class _Inbound:
         "error",
         "into",
         "last_progress",
+        "mismatch",
         "ordered",
         "owned",
         "seen",
@@ -329,6 +330,7 @@ class _Inbound:
         self.abandoned = False  # receiver gave up: authenticate and drop what still comes
         self.done = trio.Event()  # complete, or failed
         self.error: BulkError | None = None
+        self.mismatch = False  # `into` had the wrong size for this transfer
         self.last_progress = now
         self.unclaimed_charge = 0
 
@@ -348,12 +350,15 @@ class _Inbound:
         if self.into is not None and len(self.into) == total:
             self.target = self.into
         elif self.into is not None:
-            # The waiting receive() raises this; the frames are still authenticated and dropped.
+            # The waiting receive() raises this and gives the transfer back (see _abandon);
+            # until then its chunks are kept here.
             self.error = BulkTransferError(
                 f"transfer {self.tag} has {total} bytes, into has {len(self.into)}"
             )
+            self.mismatch = True
             self.into = None
-            self.abandoned = True
+            self.owned = bytearray(total)
+            self.target = memoryview(self.owned)
             self.done.set()
         else:
             self.owned = bytearray(total)
@@ -368,6 +373,9 @@ class BulkCounters:
     bytes_received: int = 0
     transfers_sent: int = 0
     transfers_received: int = 0
+    # Received bytes copied once more because they arrived before their receive() (or raced
+    # ahead of an earlier transfer of their tag); zero when receivers wait in time.
+    bytes_copied: int = 0
 
 
 class BulkChannel:
@@ -400,8 +408,8 @@ class BulkChannel:
         self.counters = BulkCounters()
         self._limits = settings.frame_limits
         self._transfers: dict[int, _Inbound] = {}  # by the sender's transfer id
-        self._ready: dict[int, deque[_Inbound]] = {}  # by tag: ordered, nobody receiving yet
-        self._waiters: dict[int, _Inbound] = {}  # by tag: a receive() before its transfer
+        self._pending: dict[int, list[_Inbound]] = {}  # by tag: arrived, nobody receiving yet
+        self._waiters: dict[int, _Inbound] = {}  # by tag: a receive() not yet sure of its transfer
         self._receiving: set[int] = set()
         self._sending: set[int] = set()
         self._next_transfer = 0
@@ -498,12 +506,12 @@ class BulkChannel:
                 t.done.set()
                 if not t.claimed:
                     del self._transfers[transfer]
-        for tag, queue in list(self._ready.items()):
-            kept = deque(t for t in queue if t.complete)
+        for tag, queue in list(self._pending.items()):
+            kept = [t for t in queue if t.complete]
             if kept:
-                self._ready[tag] = kept
+                self._pending[tag] = kept
             else:
-                del self._ready[tag]
+                del self._pending[tag]
         self._unclaimed_changed.set()
         if self._reader_scope is not None:
             self._reader_scope.cancel()
@@ -673,11 +681,14 @@ class BulkChannel:
                 dest = dest.cast("B")
         if tag in self._receiving:
             raise BulkTransferError(f"tag {tag} is already being received")
-        queue = self._ready.get(tag)
-        if queue:
-            t = queue.popleft()
-            if not queue:
-                del self._ready[tag]
+        t_next = self._pending_first(tag)
+        if t_next is not None and t_next.ordered:  # the next transfer of this tag is here
+            if dest is not None and t_next.total != len(dest):
+                raise BulkTransferError(
+                    f"transfer {tag} has {t_next.total} bytes, into has {len(dest)}"
+                )
+            t = t_next
+            self._pending_remove(t)
             t.claimed = True
             self._release_unclaimed(t)
             t.into = dest
@@ -717,6 +728,7 @@ class BulkChannel:
             return t.owned if t.owned is not None else bytearray(t.target)
         if t.target is not dest:
             dest[:] = t.target  # it arrived before this receive: one copy
+            self.counters.bytes_copied += len(dest)
         return dest
 
     @staticmethod
@@ -728,14 +740,21 @@ class BulkChannel:
     def _abandon(self, t: _Inbound) -> None:
         """The receiver stopped waiting: never write to its buffer again.
 
-        A receive that never got its transfer leaves nothing behind. A transfer under way
-        stays in the table, marked abandoned, so its remaining frames are authenticated and
-        dropped (the reader removes it after its last chunk).
+        A receive that was not yet sure of its transfer gives a tentatively bound one back
+        (unclaimed, for the next receive). A transfer under way stays in the table, marked
+        abandoned, so its remaining frames are authenticated and dropped (the reader removes
+        it after its last chunk).
         """
-        t.into = None
         if self._waiters.get(t.tag) is t:
             del self._waiters[t.tag]
+            if t.transfer is not None and self._failure is None:
+                self._unbind(t)
+            t.into = None
             return
+        if t.mismatch and self._failure is None and self._transfers.get(t.transfer or 0) is t:
+            self._unbind(t)  # wrong size: the transfer stays for a receive that fits it
+            return
+        t.into = None
         if t.complete or t.transfer is None or self._failure is not None:
             if t.transfer is not None and self._transfers.get(t.transfer) is t:
                 del self._transfers[t.transfer]
@@ -753,13 +772,87 @@ class BulkChannel:
             t.unclaimed_charge = 0
             self._poke_unclaimed()
 
-    async def _open_transfer(
-        self, tag: int, transfer: int, total: int, chunk_len: int, first: bool
-    ) -> _Inbound:
+    # Matching transfers to receive() calls. The sender sends the transfers of one tag one
+    # after another, so among one tag's transfers a lower transfer id was sent earlier; and
+    # chunk 0 of each rides the tag's home connection, so once a transfer's chunk 0 is here,
+    # every earlier transfer of its tag is known. A waiting receive() takes the lowest known
+    # transfer of its tag at once (tentatively, so its chunks decrypt straight into the
+    # receiver's buffer) and gives it back if an earlier one turns up before that chunk 0.
+
+    def _pending_first(self, tag: int) -> _Inbound | None:
+        queue = self._pending.get(tag)
+        if not queue:
+            return None
+        return min(queue, key=lambda t: t.transfer or 0)
+
+    def _pending_remove(self, t: _Inbound) -> None:
+        queue = self._pending[t.tag]
+        queue.remove(t)
+        if not queue:
+            del self._pending[t.tag]
+
+    def _new_unclaimed(self, tag: int, transfer: int, total: int, chunk_len: int) -> _Inbound:
+        t = _Inbound(tag, trio.current_time())
+        t.start(transfer, total, chunk_len)
+        t.unclaimed_charge = total
+        self._unclaimed_bytes += total
+        self._transfers[transfer] = t
+        self._pending.setdefault(tag, []).append(t)
+        return t
+
+    def _copy_chunks(self, src: _Inbound, dst: memoryview) -> None:
+        """Copy the chunks of `src` that arrived so far into `dst` (same layout)."""
+        if src.target is None:
+            return
+        for i, seen in enumerate(src.seen):
+            if seen:
+                start = i * src.chunk_len
+                end = min(start + src.chunk_len, src.total or 0)
+                dst[start:end] = src.target[start:end]
+                self.counters.bytes_copied += end - start
+
+    def _unbind(self, w: _Inbound) -> None:
+        """A waiting receive() gives back its tentative transfer, as an unclaimed one."""
+        assert w.transfer is not None and w.total is not None
+        u = self._new_unclaimed(w.tag, w.transfer, w.total, w.chunk_len)
+        assert u.target is not None
+        self._copy_chunks(w, u.target)
+        u.seen = w.seen
+        u.chunks_left = w.chunks_left
+        u.last_progress = w.last_progress
+        u.ordered = w.ordered
+        if u.complete:
+            u.done.set()
+        w.transfer = w.total = None
+        w.target = w.owned = None
+        w.seen = bytearray(0)
+        w.chunks_left = 0
+        w.ordered = False
+        if w.mismatch:  # the size mismatch was with a transfer that turned out not its own
+            w.mismatch = False
+            w.error = None
+            w.done = trio.Event()
+
+    def _bind(self, w: _Inbound, t: _Inbound) -> None:
+        """A waiting receive() takes unclaimed transfer `t`, with whatever arrived of it."""
+        assert t.transfer is not None and t.total is not None and t.owned is not None
+        self._pending_remove(t)
+        self._release_unclaimed(t)
+        w.start(t.transfer, t.total, t.chunk_len)
+        if w.target is not None:
+            self._copy_chunks(t, w.target)
+        w.seen = t.seen
+        w.chunks_left = t.chunks_left
+        w.last_progress = t.last_progress
+        w.ordered = t.ordered
+        self._transfers[t.transfer] = w
+
+    async def _open_transfer(self, tag: int, transfer: int, total: int, chunk_len: int) -> _Inbound:
         """State for a transfer id seen for the first time.
 
-        Its chunk 0 goes straight to a receive() waiting for the tag; anything else is held
-        as unclaimed, within max_unclaimed_bytes (waiting up to io_timeout_s for room).
+        A receive() waiting for the tag takes it if it is the earliest known of the tag;
+        otherwise it is held as unclaimed, within max_unclaimed_bytes (waiting up to
+        io_timeout_s for room).
         """
         limit = self.settings.max_unclaimed_bytes
         deadline = trio.current_time() + self.settings.io_timeout_s
@@ -767,19 +860,17 @@ class BulkChannel:
             known = self._transfers.get(transfer)  # another reader may have opened it meanwhile
             if known is not None:
                 return known
-            if first and tag in self._waiters:
-                t = self._waiters.pop(tag)
-                t.start(transfer, total, chunk_len)
-                t.ordered = True
-                self._transfers[transfer] = t
-                return t
+            w = self._waiters.get(tag)
+            if w is not None and (w.transfer is None or transfer < w.transfer):
+                first = self._pending_first(tag)
+                if first is None or transfer < (first.transfer or 0):
+                    if w.transfer is not None:
+                        self._unbind(w)
+                    w.start(transfer, total, chunk_len)
+                    self._transfers[transfer] = w
+                    return w
             if self._unclaimed_bytes + total <= limit:
-                t = _Inbound(tag, trio.current_time())
-                t.start(transfer, total, chunk_len)
-                t.unclaimed_charge = total
-                self._unclaimed_bytes += total
-                self._transfers[transfer] = t
-                return t
+                return self._new_unclaimed(tag, transfer, total, chunk_len)
             changed = self._unclaimed_changed
             with trio.move_on_at(deadline):
                 await changed.wait()
@@ -791,24 +882,20 @@ class BulkChannel:
                 )
 
     def _order(self, t: _Inbound) -> _Inbound:
-        """Chunk 0 of unclaimed `t` arrived: hand it to a waiting receive() or queue it."""
+        """Chunk 0 of `t` arrived: every earlier transfer of its tag is known now."""
         t.ordered = True
-        w = self._waiters.pop(t.tag, None)
-        if w is None:
-            self._ready.setdefault(t.tag, deque()).append(t)
+        w = self._waiters.get(t.tag)
+        if w is t:  # a tentative binding is now sure
+            del self._waiters[t.tag]
             return t
-        # A receive() is waiting: its object takes over what arrived so far (one copy of the
-        # chunks that raced ahead of chunk 0; usually none).
-        assert t.transfer is not None and t.total is not None and t.owned is not None
-        self._release_unclaimed(t)
-        w.start(t.transfer, t.total, t.chunk_len)
-        if w.target is not None and t.chunks_left < len(t.seen):
-            w.target[:] = t.owned
-        w.seen = t.seen
-        w.chunks_left = t.chunks_left
-        w.last_progress = t.last_progress
-        w.ordered = True
-        self._transfers[t.transfer] = w
+        if w is None or self._pending_first(t.tag) is not t:
+            return t  # nobody waits, or an earlier transfer of the tag goes first
+        if w.transfer is not None:
+            if w.transfer < (t.transfer or 0):
+                return t
+            self._unbind(w)
+        self._bind(w, t)
+        del self._waiters[t.tag]
         return w
 
     async def _read_loop(self, conn: _Connection) -> None:
@@ -845,7 +932,7 @@ class BulkChannel:
             await self._receive_rest(transport, sealed, io_timeout)
             t = self._transfers.get(transfer)
             if t is None:
-                t = await self._open_transfer(tag, transfer, total, chunk_len, offset == 0)
+                t = await self._open_transfer(tag, transfer, total, chunk_len)
             if t.tag != tag or t.total != total or t.chunk_len != chunk_len:
                 raise BulkProtocolError(
                     f"transfer {transfer} changed mid-way (tag {t.tag}->{tag}, "

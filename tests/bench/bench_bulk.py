@@ -144,7 +144,8 @@ async def bulk_receiver(conn: Connection, p: dict[str, Any]) -> None:
                     await channel.send(ACK_TAG + i, b"k")
             cpu = time.process_time() - cpu0
             digest = hashlib.sha256(bufs[(total - 1) % 2]).digest()
-            _send_msg(conn, {"sha256": digest, "cpu_s": cpu})
+            copied = channel.counters.bytes_copied
+            _send_msg(conn, {"sha256": digest, "cpu_s": cpu, "bytes_copied": copied})
             await _recv_msg(conn)  # keep the channel up until the sender is done
         nursery.cancel_scope.cancel()
 
@@ -233,6 +234,7 @@ def run_mode(kind: str, p: dict[str, Any]) -> dict[str, Any]:
         "cpu_s_sender": send_result["cpu_s"],
         "cpu_s_receiver": recv_result["cpu_s"],
         "wall_s": sum(send_result["times"]),
+        "receiver_bytes_copied": recv_result.get("bytes_copied", 0),
     }
 
 
@@ -275,7 +277,8 @@ def main() -> None:
         print(
             f"{mode:16s} best {res['mbps_best']:7.0f} MB/s  median {res['mbps_median']:7.0f} MB/s"
             f"  cpu s/r {res['cpu_s_sender']:.2f}/{res['cpu_s_receiver']:.2f} s"
-            f" in {res['wall_s']:.2f} s  cpu-bound {res['cpu_bound_mbps']:5.0f} MB/s",
+            f" in {res['wall_s']:.2f} s  cpu-bound {res['cpu_bound_mbps']:5.0f} MB/s"
+            f"  extra copies {res['receiver_bytes_copied'] / 1e6:.0f} MB",
             flush=True,
         )
     summary: dict[str, Any] = {f"{m}_mbps": round(r["mbps_best"]) for m, r in results.items()}

@@ -172,6 +172,7 @@ async def test_several_megabytes_round_trip_byte_exact_over_three_connections() 
             got_back = await dch.receive(12)
         assert bytes(got) == payload and got.obj is into
         assert bytes(got_back) == back
+        assert lch.counters.bytes_copied == 0  # decrypted straight into `into`
         assert dch.bytes_sent == lch.bytes_received == len(payload)
         assert lch.bytes_sent == dch.bytes_received == len(back)
 
@@ -643,7 +644,8 @@ async def test_claiming_a_buffered_transfer_makes_room() -> None:
         assert channel.failure is None
 
 
-async def test_into_of_wrong_size_is_refused() -> None:
+async def test_into_of_wrong_size_is_refused_and_the_transfer_stays() -> None:
+    data = os.urandom(20)
     async with raw_to_channel(small_settings()) as (raw, channel):
         async with trio.open_nursery() as nursery:
 
@@ -651,14 +653,17 @@ async def test_into_of_wrong_size_is_refused() -> None:
                 with pytest.raises(BulkTransferError, match="into has 10"):
                     await channel.receive(1, into=bytearray(10))
 
-            nursery.start_soon(wrong_size)
+            nursery.start_soon(wrong_size)  # waiting before the transfer starts
             await trio.testing.wait_all_tasks_blocked()
-            await raw.send(raw.frame(1, 20, 0, 8, bytes(8)))
-        # the rest of the transfer is consumed and dropped; the channel stays usable
-        await raw.send(raw.frame(1, 20, 8, 8, bytes(8)))
-        await raw.send(raw.frame(1, 20, 16, 8, bytes(4)))
+            await raw.send(raw.frame(1, 20, 0, 8, data[:8]))
+        await raw.send(raw.frame(1, 20, 8, 8, data[8:16]))
+        await raw.send(raw.frame(1, 20, 16, 8, data[16:]))
         await raw.send(raw.frame(2, 5, 0, 5, b"hello"))
+        with pytest.raises(BulkTransferError, match="into has 4"):  # already buffered
+            await channel.receive(2, into=bytearray(4))
         assert await channel.receive(2, into=bytearray(5)) == b"hello"
+        assert await channel.receive(1, into=bytearray(20)) == data
+        assert channel.unclaimed_bytes == 0
         with pytest.raises(BulkTransferError, match="writable"):
             await channel.receive(3, into=memoryview(b"read-only"))
 
