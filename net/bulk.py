@@ -30,6 +30,12 @@ Rules the channel keeps:
 - Any protocol error, authentication failure, broken connection or stalled frame fails the
   whole channel: chunks are striped, so the loss of one connection loses part of every
   transfer in flight. Waiting receivers and senders get the reason; the owner re-offers.
+- Copies: the sender seals straight from the caller's buffer into a per-connection frame
+  buffer; the receiver reads each frame with `recv_into` into a per-connection scratch and
+  decrypts straight into the destination. A receive(tag, into=buf) that is waiting when the
+  transfer starts gets it in `buf` with no further copy; data that arrived before its
+  receive costs one more copy (counted in `counters.bytes_copied`).
+- Transfers of one tag are received in the order they were sent (see BulkChannel).
 
 Why the AES work runs on the trio thread, not in `trio.to_thread.run_sync` (measured on the
 2-core build machine, 2026-11): `cryptography` does release the GIL in AES-GCM (one thread
