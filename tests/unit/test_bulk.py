@@ -573,6 +573,36 @@ async def test_receive_of_a_transfer_that_never_starts_times_out(
         assert channel.failure is None  # waiting for nothing is not a channel fault
 
 
+async def test_receive_that_gives_up_early_leaves_the_transfer_for_the_next_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    data = os.urandom(3000)
+    async with raw_to_channel(small_settings(io_timeout_s=2.0)) as (raw, channel):
+        async with trio.open_nursery() as nursery:
+
+            async def impatient() -> None:
+                with pytest.raises(BulkTimeout):
+                    await channel.receive(5, into=bytearray(3000), timeout_s=1.0)
+
+            nursery.start_soon(impatient)
+            await trio.testing.wait_all_tasks_blocked()
+            # a middle chunk arrives (the receive takes it tentatively), then nothing for 1 s
+            await raw.send(raw.frame(5, 3000, 1000, 1000, data[1000:2000]))
+        await raw.send(raw.frame(5, 3000, 0, 1000, data[:1000]))
+        await raw.send(raw.frame(5, 3000, 2000, 1000, data[2000:]))
+        assert await channel.receive(5) == data
+        assert channel.failure is None and channel.unclaimed_bytes == 0
+
+
+def test_settings_refuse_inconsistent_sizes() -> None:
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        BulkSettings(chunk_bytes=32 * MiB, max_chunk_bytes=16 * MiB)
+    with pytest.raises(ValueError, match="cipher"):
+        BulkSettings(cipher="des")
+    with pytest.raises(ValueError, match="io_timeout_s"):
+        BulkSettings(io_timeout_s=0)
+
+
 async def test_frame_stalled_mid_way_fails_the_channel(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
