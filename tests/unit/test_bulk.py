@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -45,10 +46,13 @@ from net.bulk_frames import (
     KIND_DATA,
     BulkAnswer,
     FrameCipher,
+    FrameLimits,
     SessionKeys,
     encode_hello,
     make_offer,
     pack_header_into,
+    parse_header,
+    parse_hello,
 )
 
 KiB = 1024
@@ -739,3 +743,31 @@ def test_keys_differ_per_connection_and_direction_and_agree_between_sides() -> N
     assert mine.send_key(2, is_listener=True) == theirs.receive_key(2, is_listener=False)
     with pytest.raises(BulkHandshakeError):
         derive_session_keys(offer, BulkAnswer(offer.token, bytes(32), 5))
+
+
+def test_random_and_mutated_headers_only_ever_raise_protocol_errors() -> None:
+    rng = random.Random(1234)
+    limits = FrameLimits(max_chunk_bytes=1 * MiB, max_transfer_bytes=64 * MiB)
+    valid = bytearray(FRAME_HEADER_BYTES)
+    pack_header_into(valid, KIND_DATA, 7, 3, 5 * MiB, 1 * MiB, 1 * MiB, 1 * MiB)
+    parse_header(valid, limits)  # the unmutated one is fine
+    accepted = 0
+    for i in range(3000):
+        if i % 2:
+            buf = bytearray(rng.randbytes(FRAME_HEADER_BYTES))
+        else:
+            buf = bytearray(valid)
+            for _ in range(rng.randint(1, 3)):
+                buf[rng.randrange(FRAME_HEADER_BYTES)] = rng.randrange(256)
+        try:
+            kind, _tag, _xid, total, offset, _chunk, length = parse_header(buf, limits)
+        except BulkProtocolError:
+            continue
+        accepted += 1
+        # whatever passes is internally consistent with the caps
+        assert total <= limits.max_transfer_bytes and length <= limits.max_chunk_bytes
+        assert kind != KIND_DATA or total == 0 or offset + length <= total
+    assert 0 < accepted < 3000
+    for _ in range(500):
+        with contextlib.suppress(BulkHandshakeError):
+            parse_hello(rng.randbytes(HELLO_BYTES))
