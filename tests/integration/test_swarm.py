@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemons import Daemon, swarm_of, wait_until
+from tests.daemons import SHOAL, Daemon, swarm_of, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -99,10 +101,12 @@ def test_graceful_stop_drops_the_node_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - stopped_at < 10 < 60  # long before its record would expire
         assert any("left swarm" in line for line in b.lines)
 
-        assert a.terminate() == 0  # SIGTERM is a graceful leave too
-        wait_until(
-            lambda: boot.view() == {boot.peer_id}, 10, "the bootstrap to drop the SIGTERMed node"
-        )
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGINT)  # Ctrl-C is a graceful leave too
+        assert a.proc.wait(15) == 0
+        wait_until(lambda: boot.view() == {boot.peer_id}, 10, "the bootstrap to drop a")
+        assert boot.terminate() == 0  # and so is SIGTERM
+        assert any("left swarm" in line for line in boot.lines)
 
 
 def test_restart_with_same_home_keeps_peer_id_and_rejoins(tmp_path: Path) -> None:
@@ -118,3 +122,23 @@ def test_restart_with_same_home_keeps_peer_id_and_rejoins(tmp_path: Path) -> Non
         assert node.peer_id == first_id
         wait_until(lambda: full_view([boot, node]), 30, "the restarted node back in the view")
         assert node.status()["peer_id"] == first_id
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        node = spawn("n").wait_ready()
+        watch = subprocess.Popen(
+            [*SHOAL, "status", "--home", str(node.home), "--watch", "0.2"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=node.env,
+        )
+        assert watch.stdout is not None
+        screens = 0
+        for line in watch.stdout:
+            screens += line.startswith("\x1b[2J")
+            if screens == 3:
+                break
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+        assert screens == 3
