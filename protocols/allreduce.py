@@ -56,7 +56,7 @@ class AllReduceSettings:
     join_timeout_s: float = 5.0  # then this much more for admitted joiners; joiner resend period
     proposal_timeout_s: float = 60.0  # a ready member waits this long for a proposal
     accept_timeout_s: float = 10.0  # coordinator waits this long for every Accept
-    coordinator_timeout_s: float = 10.0  # member waits this long for Go or a retry proposal
+    coordinator_timeout_s: float = 10.0  # member waits for a retry proposal (Go: plus accept)
     attempt_timeout_s: float = 300.0  # data phase plus Done collection
     max_attempts: int = 8
     chunk_elems: int = 1 << 18  # sub-chunk of the ring pipeline (1 MiB of float32)
@@ -634,6 +634,9 @@ class AllReduceMember:
             return []
         if not self._knows(sender):
             return self._reject(sender, "unknown sender: not a member, joiner or contact")
+        if sender in self._excluded and getattr(message, "round", None) == self.round:
+            self.counters.stale += 1  # suspected this round: its word no longer counts
+            return []
         match message:
             case JoinAck():
                 return self._on_join_ack(sender, message)
@@ -739,7 +742,10 @@ class AllReduceMember:
             return events + self._skip(f"refused the proposal: {problem}")
         self._enter_attempt(p)
         self.phase = Phase.ACCEPTED
-        self._deadlines = {"go": now + self.settings.coordinator_timeout_s}
+        # The coordinator gets its whole accept timeout to abort first (and name the silent
+        # member), so members do not all blame the coordinator at the same instant.
+        go_wait = self.settings.accept_timeout_s + self.settings.coordinator_timeout_s
+        self._deadlines = {"go": now + go_wait}
         events.append(self._send(sender, Accept(p.round, p.attempt)))
         return events
 
