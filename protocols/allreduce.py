@@ -603,11 +603,18 @@ class AllReduceMember:
             return self._repropose(now)
         return []
 
-    def on_io_error(self, peer: str, reason: str, now: float) -> list[Event]:
-        """The driver's transfer or send to ``peer`` failed inside the current attempt."""
+    def on_io_error(self, peer: str, reason: str, now: float, blame: bool = True) -> list[Event]:
+        """The driver's transfer or send to ``peer`` failed inside the current attempt.
+
+        ``blame=False`` for a stall (no data in time): in a ring every member stalls at about
+        the same moment behind the one that hung, so the stalled neighbour is no evidence. The
+        attempt aborts without a suspect; the hung member then fails to Accept the retry and
+        the coordinator's accept timeout names it.
+        """
         in_attempt = self._proposal is not None and peer in self._proposal.members
         if self.phase in (Phase.ACCEPTED, Phase.TRANSFER) and in_attempt:
-            return self._abort(f"I/O error with {peer}: {reason}", (peer,), now)
+            suspects = (peer,) if blame else ()
+            return self._abort(f"I/O error with {peer}: {reason}", suspects, now)
         self.counters.stale += 1
         return []
 

@@ -121,6 +121,7 @@ class _TransferFailed:
     attempt: int
     peer: str
     reason: str
+    blame: bool = True  # False for a stall: the peer may only be waiting itself
 
 
 ControlHandler = Callable[[str, dict[str, Any]], None]
@@ -233,7 +234,7 @@ class RoundRunner:
             case _TransferFailed():
                 if (item.round, item.attempt) != (m.round, m.attempt):
                     return []
-                return m.on_io_error(item.peer, item.reason, now)
+                return m.on_io_error(item.peer, item.reason, now, blame=item.blame)
         raise AssertionError(f"unknown inbox item {item!r}")
 
     async def _handle(self, events: list[Event]) -> None:
@@ -314,7 +315,7 @@ class RoundRunner:
                 report = _TransferFinished(event.round, event.attempt, ring.result_hash(), working)
             except* trio.TooSlowError:
                 reason = f"no ring frame within io_timeout_s={self.settings.io_timeout_s}"
-                report = _TransferFailed(event.round, event.attempt, peer, reason)
+                report = _TransferFailed(event.round, event.attempt, peer, reason, blame=False)
             except* TransportError as group:
                 exc = group.exceptions[0]
                 assert isinstance(exc, TransportError)
