@@ -5,7 +5,7 @@ from collections import deque
 import pytest
 import torch
 
-from protocols.codec import CodecError, Compression, NonFiniteError, pack_frame, encode
+from protocols.codec import CodecError, Compression, NonFiniteError, encode, pack_frame
 from protocols.ring import (
     RingError,
     RingReduction,

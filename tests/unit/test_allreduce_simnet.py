@@ -7,6 +7,7 @@ stall costs no wall-clock time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import trio.testing
 from protocols.allreduce import AllReduceSettings, Completed, Skipped
 from protocols.codec import Compression, tensor_bytes
 from protocols.shared_state import SharedState
-from protocols.simnet import ControlRule, FaultPlan, RunnerSettings, SimSwarm
+from protocols.simnet import ControlRule, FaultPlan, RoundResult, RunnerSettings, SimSwarm
 
 SETTINGS = AllReduceSettings(chunk_elems=16)
 NAMES = ("bias", "weight")
@@ -53,13 +54,22 @@ def as_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return b"".join(tensor_bytes(tensors[n]) for n in NAMES)
 
 
+@dataclass
+class RoundRun:
+    swarm: SimSwarm
+    inputs: dict[str, dict[str, torch.Tensor]]
+    weights: dict[str, float]
+    buffers: dict[str, dict[str, torch.Tensor]]  # each member's tensors after the round
+    results: dict[str, RoundResult]
+
+
 async def run_round(
     peers: list[str],
     faults: FaultPlan | None = None,
     compression: Compression = Compression.NONE,
     inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     runner_settings: RunnerSettings | None = None,
-):
+) -> RoundRun:
     inputs = inputs or integer_inputs(peers)
     weights = {p: float(i + 1) for i, p in enumerate(peers)}
     buffers = clone(inputs)
@@ -68,18 +78,18 @@ async def run_round(
         swarm.start(peers)
         results = await swarm.allreduce_all(buffers, weights, compression)
         nursery.cancel_scope.cancel()
-    return swarm, inputs, weights, buffers, results
+    return RoundRun(swarm, inputs, weights, buffers, results)
 
 
 async def test_round_without_faults_gives_every_member_the_same_exact_mean(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     peers = [f"p{i}" for i in range(5)]
-    swarm, inputs, weights, buffers, results = await run_round(peers)
-    expected = weighted_mean(inputs, weights, peers)
+    run = await run_round(peers)
+    expected = weighted_mean(run.inputs, run.weights, peers)
     for p in peers:
-        assert isinstance(results[p].outcome, Completed) and results[p].aborts == ()
-        assert as_bytes(buffers[p]) == as_bytes(expected)
+        assert isinstance(run.results[p].outcome, Completed) and run.results[p].aborts == ()
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
 
 
 @pytest.mark.parametrize("compression", list(Compression))
@@ -89,11 +99,12 @@ async def test_every_codec_gives_byte_identical_results(
     peers = [f"p{i}" for i in range(4)]
     g = torch.Generator().manual_seed(3)
     inputs = {p: {n: torch.randn(57, generator=g) for n in NAMES} for p in peers}
-    swarm, inputs, weights, buffers, results = await run_round(peers, None, compression, inputs)
-    assert len({as_bytes(buffers[p]) for p in peers}) == 1
-    assert len({r.outcome.result_hash for r in results.values()}) == 1
-    exact = sum(weights[p] * inputs[p]["bias"].double() for p in peers) / sum(weights.values())
-    assert float((buffers["p0"]["bias"].double() - exact).abs().max()) < 0.1
+    run = await run_round(peers, None, compression, inputs)
+    assert len({as_bytes(run.buffers[p]) for p in peers}) == 1
+    assert len({r.outcome.result_hash for r in run.results.values()}) == 1
+    w = run.weights
+    exact = sum(w[p] * run.inputs[p]["bias"].double() for p in peers) / sum(w.values())
+    assert float((run.buffers["p0"]["bias"].double() - exact).abs().max()) < 0.1
 
 
 @pytest.mark.parametrize("n", [4, 5, 6])
@@ -103,17 +114,17 @@ async def test_member_killed_mid_transfer_survivors_get_the_mean_of_survivors(
     peers = [f"p{i}" for i in range(n)]
     victim = "p2"
     faults = FaultPlan(kill_after_frames={victim: 4})  # dies sending its 4th tensor frame
-    swarm, inputs, weights, buffers, results = await run_round(peers, faults)
+    run = await run_round(peers, faults)
     survivors = [p for p in peers if p != victim]
-    assert swarm.net.frames_sent[victim] == 4  # it did send: killed mid-transfer, not before
-    assert sorted(results) == survivors
-    expected = weighted_mean(inputs, weights, survivors)
+    assert run.swarm.net.frames_sent[victim] == 4  # it did send: killed mid-transfer, not before
+    assert sorted(run.results) == survivors
+    expected = weighted_mean(run.inputs, run.weights, survivors)
     for p in survivors:
-        outcome = results[p].outcome
+        outcome = run.results[p].outcome
         assert isinstance(outcome, Completed) and outcome.members == tuple(survivors)
-        assert as_bytes(buffers[p]) == as_bytes(expected)
-        assert len(results[p].aborts) == 1
-    assert swarm.aborts_seen() == {p: 1 for p in survivors}
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
+        assert len(run.results[p].aborts) == 1
+    assert run.swarm.aborts_seen() == {p: 1 for p in survivors}
 
 
 async def test_coordinator_killed_mid_transfer_survivors_finish_under_the_next_one(
@@ -121,15 +132,15 @@ async def test_coordinator_killed_mid_transfer_survivors_finish_under_the_next_o
 ) -> None:
     peers = [f"p{i}" for i in range(5)]
     faults = FaultPlan(kill_after_frames={"p0": 3})
-    swarm, inputs, weights, buffers, results = await run_round(peers, faults)
+    run = await run_round(peers, faults)
     survivors = peers[1:]
-    expected = weighted_mean(inputs, weights, survivors)
-    assert swarm.aborts_seen() == {p: 1 for p in survivors}
+    expected = weighted_mean(run.inputs, run.weights, survivors)
+    assert run.swarm.aborts_seen() == {p: 1 for p in survivors}
     for p in survivors:
-        assert as_bytes(buffers[p]) == as_bytes(expected)
-        assert results[p].outcome.attempt == 2
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
+        assert run.results[p].outcome.attempt == 2
     # The retry was proposed by p1, the lowest surviving id.
-    proposals = [(s, t) for s, t, kind in swarm.net.control_log if kind == "ar.propose"]
+    proposals = [(s, t) for s, t, kind in run.swarm.net.control_log if kind == "ar.propose"]
     assert {s for s, _ in proposals[-3:]} == {"p1"}
 
 
@@ -139,11 +150,11 @@ async def test_abort_leaves_no_trace_in_the_callers_buffers(
     """Two of three die: the last one skips the round and keeps its input untouched."""
     peers = ["p0", "p1", "p2"]
     faults = FaultPlan(kill_after_frames={"p1": 2, "p2": 2})
-    swarm, inputs, weights, buffers, results = await run_round(peers, faults)
-    outcome = results["p0"].outcome
+    run = await run_round(peers, faults)
+    outcome = run.results["p0"].outcome
     assert isinstance(outcome, Skipped)
-    assert as_bytes(buffers["p0"]) == as_bytes(inputs["p0"])
-    attempts = [(a.round, a.attempt) for a in results["p0"].aborts]
+    assert as_bytes(run.buffers["p0"]) == as_bytes(run.inputs["p0"])
+    attempts = [(a.round, a.attempt) for a in run.results["p0"].aborts]
     assert attempts and len(set(attempts)) == len(attempts)  # at most one abort per attempt
 
 
@@ -153,18 +164,16 @@ async def test_stalled_member_is_detected_by_timeouts_and_left_out(
     peers = [f"p{i}" for i in range(4)]
     faults = FaultPlan(stall_after_frames={"p3": 2})  # hangs; nobody is told
     start = trio.current_time()
-    swarm, inputs, weights, buffers, results = await run_round(
-        peers, faults, runner_settings=RunnerSettings(io_timeout_s=5.0)
-    )
+    run = await run_round(peers, faults, runner_settings=RunnerSettings(io_timeout_s=5.0))
     survivors = peers[:3]
-    assert sorted(results) == survivors
+    assert sorted(run.results) == survivors
     assert trio.current_time() - start >= 5.0  # it took the io timeout to notice
-    expected = weighted_mean(inputs, weights, survivors)
+    expected = weighted_mean(run.inputs, run.weights, survivors)
     for p in survivors:
-        assert results[p].outcome.members == tuple(survivors)
-        assert as_bytes(buffers[p]) == as_bytes(expected)
+        assert run.results[p].outcome.members == tuple(survivors)
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
         # Attempt 1 stalls (nobody blamed); attempt 2 finds p3 silent; attempt 3 completes.
-        assert [(a.round, a.attempt) for a in results[p].aborts] == [(0, 1), (0, 2)]
+        assert [(a.round, a.attempt) for a in run.results[p].aborts] == [(0, 1), (0, 2)]
 
 
 async def test_nan_contribution_is_left_out_and_others_finish(
@@ -173,12 +182,12 @@ async def test_nan_contribution_is_left_out_and_others_finish(
     peers = [f"p{i}" for i in range(4)]
     inputs = integer_inputs(peers)
     inputs["p1"]["bias"][5] = math.nan
-    swarm, inputs, weights, buffers, results = await run_round(peers, inputs=inputs)
-    assert isinstance(results["p1"].outcome, Skipped)
+    run = await run_round(peers, inputs=inputs)
+    assert isinstance(run.results["p1"].outcome, Skipped)
     others = ["p0", "p2", "p3"]
-    expected = weighted_mean(inputs, weights, others)
+    expected = weighted_mean(run.inputs, run.weights, others)
     for p in others:
-        assert as_bytes(buffers[p]) == as_bytes(expected)
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
 
 
 async def test_dropped_go_and_duplicated_messages_still_end_in_one_agreed_result(
@@ -193,13 +202,14 @@ async def test_dropped_go_and_duplicated_messages_still_end_in_one_agreed_result
             ControlRule("delay", kind="ar.ready", delay_s=1.0, times=2),
         ]
     )
-    swarm, inputs, weights, buffers, results = await run_round(peers, faults)
-    finished = [p for p, r in results.items() if isinstance(r.outcome, Completed)]
+    run = await run_round(peers, faults)
+    finished = [p for p, r in run.results.items() if isinstance(r.outcome, Completed)]
     assert len(finished) >= 3
-    assert len({as_bytes(buffers[p]) for p in finished}) == 1
-    members = list(results[finished[0]].outcome.members)
-    assert as_bytes(buffers[finished[0]]) == as_bytes(weighted_mean(inputs, weights, members))
-    assert all(len(results[p].aborts) == 1 for p in peers)
+    assert len({as_bytes(run.buffers[p]) for p in finished}) == 1
+    members = list(run.results[finished[0]].outcome.members)
+    expected = weighted_mean(run.inputs, run.weights, members)
+    assert as_bytes(run.buffers[finished[0]]) == as_bytes(expected)
+    assert all(len(run.results[p].aborts) == 1 for p in peers)
 
 
 async def test_joiner_during_a_round_is_admitted_next_round_with_the_shared_state(
