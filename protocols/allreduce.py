@@ -188,6 +188,7 @@ class Done:
     round: int
     attempt: int
     result_hash: str
+    ask: bool = False  # "I lack yours": a member holding its own Done for it answers
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,8 @@ def encode_message(group: str, message: Message) -> dict[str, Any]:
                 "reason": why,
                 "suspects": list(suspects),
             }
-        case Done(round=r, attempt=a, result_hash=h):
-            return {"t": "ar.done", **base, "round": r, "attempt": a, "hash": h}
+        case Done(round=r, attempt=a, result_hash=h, ask=ask):
+            return {"t": "ar.done", **base, "round": r, "attempt": a, "hash": h, "ask": ask}
         case Excluded(round=r, reason=why):
             return {"t": "ar.excluded", **base, "round": r, "reason": why}
     raise TypeError(f"not an all-reduce message: {message!r}")
@@ -372,7 +373,10 @@ def decode_message(raw: object, group: str, settings: AllReduceSettings) -> Mess
         )
     if kind == "ar.done":
         result_hash = f.text("hash", settings.max_hash_chars)
-        return Done(f.count("round"), f.count("attempt", 1), result_hash)
+        ask = raw.get("ask", False)
+        if not isinstance(ask, bool):
+            raise MessageError("field 'ask' must be a boolean")
+        return Done(f.count("round"), f.count("attempt", 1), result_hash, ask)
     if kind == "ar.excluded":
         return Excluded(f.count("round"), f.text("reason", settings.max_reason_chars))
     raise MessageError(f"unknown message type {kind!r}")
@@ -503,6 +507,7 @@ class AllReduceMember:
         self._deadlines: dict[str, float] = {}
         self._aborted: set[tuple[int, int]] = set()
         self._skip_round: tuple[int, str] | None = None
+        self._last_completed: Completed | None = None
         self._future_readies: dict[str, float] = {}
         self._proposal: Proposal | None = None
         self._accepts: set[str] = set()
@@ -574,6 +579,7 @@ class AllReduceMember:
             return []
         self.phase = Phase.COMMIT
         self._dones[self.me] = result_hash
+        self._deadlines["done_ask"] = now + self.settings.coordinator_timeout_s
         assert self._proposal is not None
         events: list[Event] = [
             self._send(peer, Done(round, attempt, result_hash))
@@ -803,7 +809,8 @@ class AllReduceMember:
             return self._reject(sender, f"abort for round {abort.round}, this is {self.round}")
         if abort.attempt > self.attempt or self._proposal is None:
             # An attempt this member never joined: remember it so its proposal is dropped.
-            self._aborted.add(key)
+            if abort.attempt <= self.settings.max_attempts:
+                self._aborted.add(key)
             self.counters.stale += 1
             return []
         if self.phase not in (Phase.ACCEPTED, Phase.TRANSFER, Phase.COMMIT):
@@ -812,8 +819,23 @@ class AllReduceMember:
         return self._abort(f"aborted by {sender}: {abort.reason}", abort.suspects, now)
 
     def _on_done(self, sender: str, done: Done, now: float) -> list[Event]:
+        events: list[Event] = []
+        if done.ask:
+            # A member lacks our Done (one was lost): answer from the current attempt or,
+            # if we already completed that attempt and moved on, from the record of it.
+            mine = None
+            last = self._last_completed
+            if (done.round, done.attempt) == (self.round, self.attempt):
+                mine = self._dones.get(self.me)
+            elif last is not None and (done.round, done.attempt) == (last.round, last.attempt):
+                mine = last.result_hash if sender in last.members else None
+            if mine is not None:
+                events.append(self._send(sender, Done(done.round, done.attempt, mine)))
         if not self._current(done.round, done.attempt):
-            return []
+            return events
+        return events + self._record_done(sender, done, now)
+
+    def _record_done(self, sender: str, done: Done, now: float) -> list[Event]:
         p = self._proposal
         if p is None or sender not in p.members:
             return self._reject(sender, "done from a peer outside the attempt")
@@ -941,6 +963,7 @@ class AllReduceMember:
             return [mismatch, *self._abort("result hashes differ", (), now)]
         (result_hash,) = hashes
         done = Completed(p.round, p.attempt, p.members, result_hash)
+        self._last_completed = done
         self._next_round()
         return [done]
 
@@ -1015,6 +1038,13 @@ class AllReduceMember:
         if name == "go" and self.phase is Phase.ACCEPTED and self._proposal is not None:
             coordinator = self._proposal.proposer
             return self._abort(f"no go from coordinator {coordinator}", (coordinator,), now)
+        if name == "done_ask" and self.phase is Phase.COMMIT and self._proposal is not None:
+            # Some Done is late or lost: ask the missing members again (they answer from
+            # memory even after moving on), well before the attempt timeout gives up.
+            missing = set(self._proposal.members) - set(self._dones) - self.lost
+            mine = Done(self.round, self.attempt, self._dones[self.me], ask=True)
+            self._deadlines["done_ask"] = now + self.settings.coordinator_timeout_s
+            return [self._send(peer, mine) for peer in sorted(missing)]
         if name == "attempt" and self._proposal is not None:
             if self.phase is Phase.TRANSFER:
                 return self._abort("attempt timed out in the data phase", (), now)

@@ -482,3 +482,27 @@ def test_proposal_with_a_wrong_weight_is_refused() -> None:
     events = m.on_message("p0", GOOD_PROPOSAL, 0.0)
     assert isinstance(events[0], Send) and events[0].msg["t"] == "ar.refuse"
     assert isinstance(events[1], Skipped) and "weight" in events[1].reason
+
+
+def test_a_lost_done_is_asked_for_again_so_nobody_aborts_what_others_completed() -> None:
+    g = Group(peers(3))
+    g.begin_all()
+    for p in g.live():
+        start = g.of(p, StartTransfer)[-1]
+        g.feed(p, g.machines[p].transfer_done(start.round, start.attempt, "h", g.now))
+    g.deliver(keep=lambda s, t, msg: not (s == "p1" and t == "p0" and msg["t"] == "ar.done"))
+    assert g.of("p1", Completed) and g.of("p2", Completed)
+    assert not g.of("p0", Completed) and g.machines["p0"].phase is Phase.COMMIT
+    g.tick(SETTINGS.coordinator_timeout_s)  # p0 asks p1, which answers from its record
+    assert g.of("p0", Completed) == g.of("p1", Completed)
+    assert not any(g.of(p, Aborted) for p in g.live())
+
+
+def test_done_asks_do_not_ping_pong_between_completed_members() -> None:
+    g = Group(peers(2))
+    g.begin_all()
+    g.finish_transfers()
+    ask = {"t": "ar.done", "v": 1, "g": "g", "round": 0, "attempt": 1, "hash": "h", "ask": True}
+    (reply,) = g.machines["p1"].on_message("p0", ask, g.now)
+    assert isinstance(reply, Send) and reply.msg["ask"] is False
+    assert g.machines["p0"].on_message("p1", reply.msg, g.now) == []

@@ -267,3 +267,80 @@ async def test_joiner_during_a_round_is_admitted_next_round_with_the_shared_stat
     assert log["joiner_state"] == after_round_0
     assert log["fetched"] == 2000 * 4 + 9 * 4
     assert all(swarm.members[p].state_sync.state.bytes_fetched == 0 for p in peers)
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_faults_over_several_rounds_keep_every_invariant(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Random kills (mid-transfer or at Accept/Done), drops and duplicates, three rounds.
+
+    Whatever happens: no member hangs, no member sees two aborts for one attempt, every
+    member that completes a round holds exactly the weighted mean of that round's members,
+    a member that does not complete keeps its input, and no survivor loses two rounds.
+    """
+    g = torch.Generator().manual_seed(seed)
+    peers = [f"p{i}" for i in range(5)]
+
+    def pick(options: list) -> object:
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    victims = [pick(peers), pick(peers)]
+    faults = FaultPlan(
+        kill_after_frames={victims[0]: int(torch.randint(1, 30, (1,), generator=g))},
+        control_rules=[
+            ControlRule("kill_sender", sender=victims[1], kind=pick(["ar.accept", "ar.done"])),
+            ControlRule("drop", kind=pick(["ar.ready", "ar.accept", "ar.go", "ar.done"])),
+            ControlRule("duplicate", kind=pick(["ar.propose", "ar.abort", "ar.done"]), times=3),
+        ],
+    )
+    rounds = 3
+    inputs = {
+        (r, p): {
+            "weight": torch.randint(-20, 20, (9, 13), generator=g).float(),
+            "bias": torch.randint(-20, 20, (31,), generator=g).float(),
+        }
+        for r in range(rounds)
+        for p in peers
+    }
+    weights = {p: float(torch.randint(1, 5, (1,), generator=g)) for p in peers}
+    finished: dict[tuple[int, str], tuple[Completed, bytes]] = {}
+
+    async with trio.open_nursery() as nursery:
+        swarm = SimSwarm(nursery, faults, SETTINGS)
+        swarm.start(peers)
+
+        async def member(p: str) -> None:
+            runner = swarm.members[p].runner
+            while runner.machine.round < rounds:
+                r = runner.machine.round
+                buffers = {k: v.clone() for k, v in inputs[(r, p)].items()}
+                result = await runner.allreduce(buffers, weights[p])
+                if isinstance(result.outcome, Completed):
+                    finished[(r, p)] = (result.outcome, as_bytes(buffers))
+                else:
+                    assert as_bytes(buffers) == as_bytes(inputs[(r, p)])  # untouched
+
+        async with trio.open_nursery() as members:
+            for p in peers:
+                members.start_soon(swarm.run_in_member, p, lambda p=p: member(p))
+        nursery.cancel_scope.cancel()
+
+    for p in peers:
+        attempts = [(a.round, a.attempt) for a in swarm.members[p].runner.aborts]
+        assert len(attempts) == len(set(attempts)), f"{p} saw an attempt aborted twice"
+    for r in range(rounds):
+        done = {p: v for (rr, p), v in finished.items() if rr == r}
+        if not done:
+            continue
+        outcomes = {outcome for outcome, _ in done.values()}
+        assert len(outcomes) == 1, f"round {r}: members disagree: {outcomes}"
+        (outcome,) = outcomes
+        members_inputs = {p: inputs[(r, p)] for p in outcome.members}
+        expected = as_bytes(weighted_mean(members_inputs, weights, list(outcome.members)))
+        assert all(data == expected for _, data in done.values())
+    assert finished, "no round completed at all"
+    # Liveness: a fault costs a surviving member at most one round.
+    for p in peers:
+        if swarm.net.alive(p):
+            assert sum(1 for r, q in finished if q == p) >= rounds - 1, p
