@@ -21,11 +21,18 @@ heard first (loss report, relayed Abort, or a proposal for a later attempt). A s
 or a late Abort is counted as a duplicate and produces nothing. Messages of an aborted attempt
 or a past round are counted as stale and dropped. Below two members a round is ``Skipped``.
 
-A member that finished its own transfer and then loses a peer that has not reported Done
-completes with the others' Done alone: all of them hold the full result, and any member that
-did not finish aborts and tells them before they can complete. (Asymmetric partitions, where
-two survivors disagree about who is alive, can still split that decision; the shared-state
-sync repairs a member that completed alone.)
+Commit. A member that finished its own transfer and then loses a peer that has not reported
+Done completes with the others' Done alone: all of them hold the full result, and any member
+that did not finish aborts and tells them before they can complete. A member whose Done from
+someone is merely late or lost asks for it again every ``coordinator_timeout_s``; members answer
+from their record of the last completed attempt, so a lost message does not make one member
+abort what the others completed. (An asymmetric partition, where two survivors disagree about
+who is alive, can still split that decision; a member that ends a round ``Skipped`` must
+resync its shared state before the next round, which repairs it.)
+
+Blame. A loss or a hard I/O error names the peer as a suspect, who sits out the rest of the
+round; a stall (no data in time) names nobody, since in a ring everyone stalls behind the one
+that hung; the retry's accept timeout then names the member that stays silent.
 
 Nothing here reads a clock or a socket: time arrives as ``now`` (seconds, any monotonic
 origin) and the driver calls ``on_timeout(now)`` at ``next_deadline()``.

@@ -14,6 +14,7 @@ receiver expects (codec, element count, byte size) and rejects NaN/Inf before a 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import struct
 from dataclasses import dataclass
@@ -194,6 +195,14 @@ def _uint8_scale(low: float, high: float) -> torch.Tensor:
     # A constant chunk gets scale 1 so every code decodes to exactly ``low``.
     scale = torch.tensor((high - low) / 255.0, dtype=torch.float32)
     return scale if float(scale) > 0 else torch.tensor(1.0, dtype=torch.float32)
+
+
+def hash_tensor(tensor: torch.Tensor) -> str:
+    """blake2b-128 (hex) over dtype, shape and the contiguous bytes: equal exactly when bits are."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
+    digest.update(tensor_bytes(tensor.detach().cpu()))
+    return digest.hexdigest()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

@@ -23,7 +23,6 @@ frame; ``result_hash()`` is what the member reports as Done.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -37,9 +36,9 @@ from protocols.codec import (
     NonFiniteError,
     decode,
     encode,
+    hash_tensor,
     pack_frame,
     roundtrip,
-    tensor_bytes,
     unpack_frame,
 )
 
@@ -235,15 +234,7 @@ class RingReduction:
         """Hash of the reduced buffer's bytes; equal on every member exactly when bits are."""
         if not self.done:
             raise RingError("result_hash before the all-reduce finished")
-        return hash_buffer(self.buffer)
-
-
-def hash_buffer(buffer: torch.Tensor) -> str:
-    """blake2b-128 of a tensor's dtype, shape and contiguous bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{buffer.dtype}|{tuple(buffer.shape)}|".encode())
-    digest.update(tensor_bytes(buffer))
-    return digest.hexdigest()
+        return hash_tensor(self.buffer)
 
 
 # -- flattening -----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+# hash_tensor is re-exported: one tensor hash for the all-reduce result and the state vote.
+from protocols.codec import hash_tensor as hash_tensor
 from protocols.codec import tensor_bytes
 
 HASH_CHARS = 32  # blake2b-128 in hex
@@ -56,14 +58,6 @@ class SharedStateError(ValueError):
 
 class HashMismatchError(SharedStateError):
     """A fetched tensor does not hash to the value the winning state promised."""
-
-
-def hash_tensor(tensor: torch.Tensor) -> str:
-    """blake2b-128 over dtype, shape and the tensor's contiguous bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_dtype_name(tensor.dtype)}|{list(tensor.shape)}|".encode())
-    digest.update(tensor_bytes(tensor.detach().cpu()))
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

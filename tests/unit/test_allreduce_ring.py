@@ -5,12 +5,18 @@ from collections import deque
 import pytest
 import torch
 
-from protocols.codec import CodecError, Compression, NonFiniteError, encode, pack_frame
+from protocols.codec import (
+    CodecError,
+    Compression,
+    NonFiniteError,
+    encode,
+    hash_tensor,
+    pack_frame,
+)
 from protocols.ring import (
     RingError,
     RingReduction,
     flatten,
-    hash_buffer,
     order_ring,
     plan_ring,
     ring_cost,
@@ -189,12 +195,12 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_result_hash_covers_bytes_dtype_and_shape() -> None:
     x = torch.arange(4.0)
-    assert hash_buffer(x) == hash_buffer(x.clone())
-    assert hash_buffer(x) != hash_buffer(x.reshape(2, 2))
-    assert hash_buffer(x) != hash_buffer(x.double())
+    assert hash_tensor(x) == hash_tensor(x.clone())
+    assert hash_tensor(x) != hash_tensor(x.reshape(2, 2))
+    assert hash_tensor(x) != hash_tensor(x.double())
     y = x.clone()
     y[0] = -0.0  # same value, different bits
-    assert hash_buffer(x) != hash_buffer(y)
+    assert hash_tensor(x) != hash_tensor(y)
 
 
 def test_flatten_and_unflatten_roundtrip_mixed_shapes() -> None:
