@@ -87,7 +87,7 @@ def encode(values: torch.Tensor, compression: Compression) -> EncodedChunk:
             f"{tuple(values.shape)}"
         )
     values = values.contiguous()
-    if values.numel() and not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise NonFiniteError("chunk to encode holds NaN or Inf")
     compression = Compression(compression)
     header: dict[str, Any] = {
@@ -107,7 +107,7 @@ def encode(values: torch.Tensor, compression: Compression) -> EncodedChunk:
         wire = quantized
     else:
         wire = values.to(_WIRE_DTYPE[compression])
-        if wire.numel() and not bool(torch.isfinite(wire).all()):
+        if compression is not Compression.NONE and not all_finite(wire):
             raise NonFiniteError(f"chunk value outside the {compression.value} range")
     return EncodedChunk(header=header, payload=tensor_bytes(wire))
 
@@ -155,7 +155,7 @@ def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -
         values = values + torch.tensor(float(low), dtype=torch.float32)
     else:
         values = wire.to(torch.float32)
-        if not bool(torch.isfinite(values).all()):
+        if not all_finite(values):
             raise NonFiniteError("chunk holds NaN or Inf")
     return values
 
@@ -195,6 +195,20 @@ def _uint8_scale(low: float, high: float) -> torch.Tensor:
     # A constant chunk gets scale 1 so every code decodes to exactly ``low``.
     scale = torch.tensor((high - low) / 255.0, dtype=torch.float32)
     return scale if float(scale) > 0 else torch.tensor(1.0, dtype=torch.float32)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf.
+
+    A sum is NaN or infinite whenever any element is, so a finite sum proves the tensor
+    finite at the cost of one vectorized pass (a third of ``isfinite().all()`` here); only
+    a non-finite sum (which finite values can also reach by overflow) takes the exact check.
+    """
+    if tensor.numel() == 0:
+        return True
+    if math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:

@@ -34,6 +34,7 @@ from protocols.codec import (
     CodecError,
     Compression,
     NonFiniteError,
+    all_finite,
     decode,
     encode,
     hash_tensor,
@@ -130,7 +131,7 @@ class RingReduction:
         total = total_weight(weights)
         if not total > 0:
             raise RingError("the weights sum to zero")
-        if buffer.numel() and not bool(torch.isfinite(buffer).all()):
+        if not all_finite(buffer):
             raise NonFiniteError("local input holds NaN or Inf")
         self.plan = plan
         self.me = me

@@ -10,6 +10,7 @@ from protocols.codec import (
     Compression,
     EncodedChunk,
     NonFiniteError,
+    all_finite,
     decode,
     encode,
     pack_frame,
@@ -148,3 +149,15 @@ def test_encode_refuses_non_flat_or_non_float32_input() -> None:
 def test_empty_chunk_roundtrips(compression: Compression) -> None:
     _, back = roundtrip(torch.empty(0), compression)
     assert back.numel() == 0
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows() -> None:
+    big = torch.full((10,), 3e38)
+    assert all_finite(big)  # the sum overflows to inf; every value is finite
+    for bad in (math.nan, math.inf, -math.inf):
+        x = big.clone()
+        x[7] = bad
+        assert not all_finite(x)
+    assert all_finite(torch.empty(0))
+    mixed = torch.tensor([math.inf, -math.inf])  # sums to NaN
+    assert not all_finite(mixed)
