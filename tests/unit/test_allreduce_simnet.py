@@ -144,6 +144,38 @@ async def test_coordinator_killed_mid_transfer_survivors_finish_under_the_next_o
     assert {s for s, _ in proposals[-3:]} == {"p1"}
 
 
+async def test_member_killed_while_reporting_done_does_not_undo_the_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Killed at the commit phase: its data is already in every survivor's result."""
+    peers = [f"p{i}" for i in range(4)]
+    faults = FaultPlan(
+        control_rules=[ControlRule("kill_sender", sender="p2", kind="ar.done")],
+        loss_notice_delay_s=1.0,  # loss detection takes a moment: others finish their ring
+    )
+    run = await run_round(peers, faults)
+    survivors = ["p0", "p1", "p3"]
+    assert sorted(run.results) == survivors
+    expected = weighted_mean(run.inputs, run.weights, peers)  # p2's contribution included
+    for p in survivors:
+        assert run.results[p].outcome.members == tuple(peers)
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
+        assert run.results[p].aborts == ()
+
+
+async def test_member_killed_at_accept_is_retried_around(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    peers = [f"p{i}" for i in range(4)]
+    faults = FaultPlan(control_rules=[ControlRule("kill_sender", sender="p3", kind="ar.accept")])
+    run = await run_round(peers, faults)
+    survivors = ["p0", "p1", "p2"]
+    expected = weighted_mean(run.inputs, run.weights, survivors)
+    for p in survivors:
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
+        assert len(run.results[p].aborts) == 1
+
+
 async def test_abort_leaves_no_trace_in_the_callers_buffers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
