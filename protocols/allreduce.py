@@ -823,6 +823,10 @@ class AllReduceMember:
         if self.phase not in (Phase.ACCEPTED, Phase.TRANSFER, Phase.COMMIT):
             self.counters.stale += 1
             return []
+        if sender not in self._proposal.members:
+            # Not part of this attempt (e.g. it proposed a rival attempt of the same number).
+            self.counters.stale += 1
+            return []
         return self._abort(f"aborted by {sender}: {abort.reason}", abort.suspects, now)
 
     def _on_done(self, sender: str, done: Done, now: float) -> list[Event]:

@@ -506,3 +506,13 @@ def test_done_asks_do_not_ping_pong_between_completed_members() -> None:
     (reply,) = g.machines["p1"].on_message("p0", ask, g.now)
     assert isinstance(reply, Send) and reply.msg["ask"] is False
     assert g.machines["p0"].on_message("p1", reply.msg, g.now) == []
+
+
+def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
+    g = Group(peers(3))
+    g.begin_all(["p0", "p1"])
+    g.tick(SETTINGS.ready_timeout_s)  # p2 never got ready: the attempt is p0 + p1
+    assert g.of("p1", StartTransfer)[-1].ring == ("p0", "p1")
+    abort = {"t": "ar.abort", "v": 1, "g": "g", "round": 0, "attempt": 1, "reason": "rival"}
+    assert g.machines["p1"].on_message("p2", {**abort, "suspects": ["p0"]}, g.now) == []
+    assert g.machines["p1"].phase is Phase.TRANSFER
