@@ -389,6 +389,11 @@ def decode_message(raw: object, group: str, settings: AllReduceSettings) -> Mess
     raise MessageError(f"unknown message type {kind!r}")
 
 
+def transfer_tag_prefix(group: str, round: int, attempt: int) -> str:
+    """Bulk-channel tags of one attempt start with this (then a '.')."""
+    return f"ar.{group}.r{round}.a{attempt}"
+
+
 # -- events (what the machine asks of its driver) ------------------------------------------------
 
 
@@ -957,7 +962,7 @@ class AllReduceMember:
                 p.weight_of(),
                 p.spec,
                 p.chunk_elems,
-                f"ar.{self.group}.r{p.round}.a{p.attempt}",
+                transfer_tag_prefix(self.group, p.round, p.attempt),
             )
         ]
 

@@ -34,12 +34,15 @@ from protocols.allreduce import (
     Completed,
     Event,
     ParityMismatch,
+    Phase,
     Rejected,
     RoundSpec,
     Send,
     Skipped,
     StartTransfer,
     TensorSpec,
+    UsageError,
+    transfer_tag_prefix,
 )
 from protocols.codec import CodecError, Compression
 from protocols.ring import RingError, RingReduction, flatten, plan_ring, unflatten_into
@@ -191,7 +194,17 @@ class RoundRunner:
         weight: float,
         compression: Compression = Compression.NONE,
     ) -> RoundResult:
-        """Run round ``machine.round``; on Completed the tensors hold the weighted mean."""
+        """Run round ``machine.round``; on Completed the tensors hold the weighted mean.
+
+        On Skipped (and after any abort) the tensors hold exactly what they held before.
+        """
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight {weight} must be finite and >= 0")
+        if self._outcome is not None or self.machine.phase is not Phase.IDLE:
+            raise UsageError(
+                f"allreduce() in phase {self.machine.phase.value}: wait for admission or for "
+                "the running round to end"
+            )
         names = sorted(tensors)
         self._tensors = [tensors[name] for name in names]
         self._input = flatten(self._tensors)
@@ -252,7 +265,9 @@ class RoundRunner:
                 case Aborted():
                     self.aborts.append(event)
                     self._stop_transfer()
-                    self.transport.discard_tensors(_prefix(event.round, event.attempt, self))
+                    group = self.machine.group
+                    prefix = transfer_tag_prefix(group, event.round, event.attempt)
+                    self.transport.discard_tensors(prefix)
                 case Completed():
                     self._stop_transfer()
                     buffer = self._finished.pop((event.round, event.attempt))
@@ -329,10 +344,6 @@ class RoundRunner:
     async def _send_frames(self, frames: trio.MemoryReceiveChannel[Any]) -> None:
         async for frame in frames:
             await self.transport.send_tensor(frame.to, frame.tag, frame.data)
-
-
-def _prefix(round: int, attempt: int, runner: RoundRunner) -> str:
-    return f"ar.{runner.machine.group}.r{round}.a{attempt}"
 
 
 # -- shared-state fetch over the same transport ----------------------------------------------------
