@@ -432,7 +432,12 @@ class StateSync:
                 return
 
     async def sync(self, members: Sequence[str], round: int, newcomer: bool) -> int:
-        """Vote with ``members`` and fetch what differs; returns the bytes fetched."""
+        """Vote with ``members`` and fetch what differs; returns the bytes fetched.
+
+        Summaries that do not arrive within ``summary_timeout_s`` do not vote. Raises
+        SharedStateError (HashMismatchError for a bad tensor; nothing is installed then) or
+        trio.TooSlowError when the donor does not deliver within ``fetch_timeout_s``.
+        """
         self._summaries = {}
         for peer in members:
             await self._send_quietly(peer, {"t": "ss.query", "round": round})

@@ -14,7 +14,7 @@ import torch
 import trio
 import trio.testing
 
-from protocols.allreduce import AllReduceSettings, Completed, Skipped
+from protocols.allreduce import AllReduceSettings, Completed, Skipped, UsageError
 from protocols.codec import Compression, tensor_bytes
 from protocols.shared_state import SharedState
 from protocols.simnet import ControlRule, FaultPlan, RoundResult, RunnerSettings, SimSwarm
@@ -376,3 +376,18 @@ async def test_random_faults_over_several_rounds_keep_every_invariant(
     for p in peers:
         if swarm.net.alive(p):
             assert sum(1 for r, q in finished if q == p) >= rounds - 1, p
+
+
+async def test_runner_refuses_bad_calls_before_they_reach_the_protocol(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        swarm = SimSwarm(nursery, None, SETTINGS)
+        swarm.start(["p0", "p1"])
+        joiner = swarm.start_joiner("p9", ["p0", "p1"])
+        tensors = {"x": torch.zeros(3)}
+        with pytest.raises(ValueError, match="weight"):
+            await swarm.members["p0"].runner.allreduce(tensors, math.nan)
+        with pytest.raises(UsageError, match="admission"):
+            await joiner.runner.allreduce(tensors, 1.0)
+        nursery.cancel_scope.cancel()
