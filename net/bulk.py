@@ -27,6 +27,9 @@ Rules the channel keeps:
 - Connections are drained continuously by one reader task each. Transfers nobody waits for yet
   are buffered up to `max_unclaimed_bytes`; past that the reader waits `io_timeout_s` for a
   receiver to claim something and then fails the channel with `BulkOverflowError`.
+- Transfers nobody will ever receive (those of an aborted all-reduce attempt) are dropped with
+  `discard(match)`: buffered ones at once, later ones as they arrive (still authenticated),
+  so garbage never eats the unclaimed budget.
 - Any protocol error, authentication failure, broken connection or stalled frame fails the
   whole channel: chunks are striped, so the loss of one connection loses part of every
   transfer in flight. Waiting receivers and senders get the reason; the owner re-offers.
@@ -55,7 +58,7 @@ import logging
 import math
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, overload
@@ -164,6 +167,9 @@ class BulkSettings:
     socket_buffer_bytes: int = 0
     listen_backlog: int = 128
     cipher: str = CIPHER_AES_GCM
+    # discard() predicates a channel keeps applying to transfers that start later; past this
+    # many the oldest is forgotten (its tags' late frames are then buffered as unclaimed).
+    max_discard_rules: int = 64
 
     def __post_init__(self) -> None:
         if self.cipher not in CIPHERS:
@@ -174,6 +180,8 @@ class BulkSettings:
             raise ValueError("max_chunk_bytes must fit the 32-bit frame length")
         if self.connections_per_peer < 1:
             raise ValueError("connections_per_peer must be at least 1")
+        if self.max_discard_rules < 1:
+            raise ValueError("max_discard_rules must be at least 1")
         for name in ("io_timeout_s", "handshake_timeout_s", "offer_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -306,6 +314,7 @@ class _Inbound:
         "chunk_len",
         "chunks_left",
         "claimed",
+        "discarded",
         "done",
         "error",
         "into",
@@ -334,6 +343,7 @@ class _Inbound:
         self.claimed = False  # a receive() has (or had) it
         self.ordered = False  # its chunk 0 arrived, which fixes its place among its tag's
         self.abandoned = False  # receiver gave up: authenticate and drop what still comes
+        self.discarded = False  # dropped by discard(): abandoned too, its bytes counted
         self.done = trio.Event()  # complete, or failed
         self.error: BulkError | None = None
         self.mismatch = False  # `into` had the wrong size for this transfer
@@ -345,14 +355,29 @@ class _Inbound:
         """Every chunk arrived and was authenticated."""
         return self.total is not None and self.chunks_left == 0
 
-    def start(self, transfer: int, total: int, chunk_len: int) -> None:
-        """Size the transfer from its first frame; decrypt into `into` when it fits exactly."""
+    def size(self, transfer: int, total: int, chunk_len: int) -> None:
+        """Take the transfer id and shape from its first frame; no buffer yet."""
         self.transfer = transfer
         self.total = total
         self.chunk_len = chunk_len
         n_chunks = math.ceil(total / chunk_len) if total else 1
         self.chunks_left = n_chunks
         self.seen = bytearray(n_chunks)
+
+    def arrived_bytes(self) -> int:
+        """Payload bytes of the chunks that arrived so far."""
+        if not self.total:
+            return 0
+        size = 0
+        for i, seen in enumerate(self.seen):
+            if seen:
+                start = i * self.chunk_len
+                size += min(start + self.chunk_len, self.total) - start
+        return size
+
+    def start(self, transfer: int, total: int, chunk_len: int) -> None:
+        """Size the transfer from its first frame; decrypt into `into` when it fits exactly."""
+        self.size(transfer, total, chunk_len)
         if self.into is not None and len(self.into) == total:
             self.target = self.into
         elif self.into is not None:
@@ -382,6 +407,10 @@ class BulkCounters:
     # Received bytes copied once more because they arrived before their receive() (or raced
     # ahead of an earlier transfer of their tag); zero when receivers wait in time.
     bytes_copied: int = 0
+    # Transfers dropped by discard() (buffered ones and ones that started later), and their
+    # payload bytes that arrived (authenticated, then thrown away); also in bytes_received.
+    transfers_discarded: int = 0
+    bytes_discarded: int = 0
 
 
 class BulkChannel:
@@ -421,6 +450,7 @@ class BulkChannel:
         self._next_transfer = 0
         self._unclaimed_bytes = 0
         self._unclaimed_changed = trio.Event()
+        self._discard_rules: deque[Callable[[int], bool]] = deque(maxlen=settings.max_discard_rules)
         self._failure: BulkError | None = None
         self._closing = False
         self._reader_scope: trio.CancelScope | None = None
@@ -737,6 +767,73 @@ class BulkChannel:
             self.counters.bytes_copied += len(dest)
         return dest
 
+    # -- discarding ----------------------------------------------------------------------
+
+    def discard(self, match: Callable[[int], bool]) -> int:
+        """Drop every transfer whose tag satisfies `match` and that no receive() takes.
+
+        Now: the transfers held unclaimed with a matching tag, complete or partly arrived,
+        are dropped, and their share of max_unclaimed_bytes is released (a reader waiting for
+        room wakes). Later: `match` is remembered (the newest max_discard_rules predicates;
+        older ones are forgotten), and a transfer of a matching tag that starts arriving
+        while no receive() waits for its tag is dropped as it comes, never buffered. Frames
+        of dropped transfers are still authenticated (a tampered one fails the channel as
+        always) and then thrown away; a partly arrived one's remaining frames too.
+
+        A receive() waiting for or receiving a matching tag is not touched: it still gets its
+        transfer (the caller cancels its own receive). If it gives up, what it held of a
+        matching transfer is dropped instead of kept for a later receive.
+
+        `match` runs on the trio thread for every new transfer, so it must be cheap. If it
+        raises here, nothing is dropped or remembered; one that raises later is logged and
+        forgotten. Returns the bytes released from the unclaimed budget now (the full
+        declared size of each dropped transfer, which is what it was charged).
+        """
+        if not callable(match):
+            raise TypeError(f"match must be a callable taking a tag, not {type(match).__name__}")
+        tags = [tag for tag in self._pending if match(tag)]  # may raise: nothing changed yet
+        released = 0
+        for tag in tags:
+            for t in self._pending.pop(tag):
+                released += t.unclaimed_charge
+                self._unclaimed_bytes -= t.unclaimed_charge
+                t.unclaimed_charge = 0
+                self._drop_unclaimed(t)
+        self._discard_rules.append(match)
+        self._poke_unclaimed()  # also wakes a reader waiting for room for a matching transfer
+        return released
+
+    def _drop_unclaimed(self, t: _Inbound) -> None:
+        """discard() an unclaimed transfer: free what arrived, drop what still comes."""
+        self.counters.transfers_discarded += 1
+        self.counters.bytes_discarded += t.arrived_bytes()
+        t.discarded = t.abandoned = True
+        t.target = t.owned = None
+        if t.transfer is not None and self._transfers.get(t.transfer) is t and t.complete:
+            del self._transfers[t.transfer]  # nothing more of it will come
+        # an incomplete one stays in the table; the reader forgets it after its last chunk
+
+    def _is_discarded(self, tag: int) -> bool:
+        """Whether a remembered discard() predicate matches `tag`."""
+        for rule in list(self._discard_rules):
+            try:
+                if rule(tag):
+                    return True
+            except Exception:
+                log.exception("discard predicate %r raised for tag %d; forgetting it", rule, tag)
+                if rule in self._discard_rules:
+                    self._discard_rules.remove(rule)
+        return False
+
+    def _new_discarded(self, tag: int, transfer: int, total: int, chunk_len: int) -> _Inbound:
+        """State for a transfer of a discarded tag: its frames are authenticated and dropped."""
+        t = _Inbound(tag, trio.current_time())
+        t.size(transfer, total, chunk_len)
+        t.discarded = t.abandoned = True
+        self._transfers[transfer] = t
+        self.counters.transfers_discarded += 1
+        return t
+
     @staticmethod
     def _progress_text(t: _Inbound) -> str:
         if t.total is None:
@@ -820,15 +917,22 @@ class BulkChannel:
     def _unbind(self, w: _Inbound) -> None:
         """A waiting receive() gives back its tentative transfer, as an unclaimed one."""
         assert w.transfer is not None and w.total is not None
-        u = self._new_unclaimed(w.tag, w.transfer, w.total, w.chunk_len)
-        assert u.target is not None
-        self._copy_chunks(w, u.target)
+        if self._discard_rules and self._is_discarded(w.tag):
+            # its tag was discarded meanwhile: nobody will receive it, so nothing is kept
+            u = self._new_discarded(w.tag, w.transfer, w.total, w.chunk_len)
+            self.counters.bytes_discarded += w.arrived_bytes()
+        else:
+            u = self._new_unclaimed(w.tag, w.transfer, w.total, w.chunk_len)
+            assert u.target is not None
+            self._copy_chunks(w, u.target)
         u.seen = w.seen
         u.chunks_left = w.chunks_left
         u.last_progress = w.last_progress
         u.ordered = w.ordered
         if u.complete:
             u.done.set()
+            if u.discarded:
+                del self._transfers[w.transfer]
         w.transfer = w.total = None
         w.target = w.owned = None
         w.seen = bytearray(0)
@@ -857,8 +961,8 @@ class BulkChannel:
         """State for a transfer id seen for the first time.
 
         A receive() waiting for the tag takes it if it is the earliest known of the tag;
-        otherwise it is held as unclaimed, within max_unclaimed_bytes (waiting up to
-        io_timeout_s for room).
+        otherwise it is dropped if a discard() predicate matches its tag, else held as
+        unclaimed, within max_unclaimed_bytes (waiting up to io_timeout_s for room).
         """
         limit = self.settings.max_unclaimed_bytes
         deadline = trio.current_time() + self.settings.io_timeout_s
@@ -875,6 +979,8 @@ class BulkChannel:
                     w.start(transfer, total, chunk_len)
                     self._transfers[transfer] = w
                     return w
+            if self._discard_rules and self._is_discarded(tag):
+                return self._new_discarded(tag, transfer, total, chunk_len)
             if self._unclaimed_bytes + total <= limit:
                 return self._new_unclaimed(tag, transfer, total, chunk_len)
             changed = self._unclaimed_changed
@@ -950,8 +1056,10 @@ class BulkChannel:
             if t.seen[index]:
                 raise BulkProtocolError(f"transfer {tag}: chunk at offset {offset} sent twice")
             target = t.target
-            if target is None:  # abandoned: authenticate into scratch and drop
+            if target is None:  # abandoned or discarded: authenticate into scratch and drop
                 conn.opener.open_into(header, sealed, memoryview(bytearray(length)))
+                if t.discarded:
+                    self.counters.bytes_discarded += length
             else:
                 conn.opener.open_into(header, sealed, target[offset : offset + length])
             t.seen[index] = 1

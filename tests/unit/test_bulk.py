@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -771,3 +771,259 @@ def test_random_and_mutated_headers_only_ever_raise_protocol_errors() -> None:
     for _ in range(500):
         with contextlib.suppress(BulkHandshakeError):
             parse_hello(rng.randbytes(HELLO_BYTES))
+
+
+# ---------------------------------------------------------------------------------------------
+# discard(): dropping transfers nobody will receive (an aborted attempt's)
+
+
+def attempt_tag(prefix: int, index: int) -> int:
+    """A tag of one attempt's family: the attempt in the high 32 bits, as the driver does."""
+    return prefix << 32 | index
+
+
+def of_attempt(prefix: int) -> Callable[[int], bool]:
+    return lambda tag: tag >> 32 == prefix
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for a condition that real sockets make true at some point (polled)."""
+    with trio.fail_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+async def test_discard_releases_exactly_the_buffered_matching_transfers_over_tcp() -> None:
+    settings = small_settings(chunk_bytes=64 * KiB)
+    garbage = {attempt_tag(0xA5, i): os.urandom(n) for i, n in enumerate([300_001, 64 * KiB, 0, 1])}
+    keep_tag = attempt_tag(0xB6, 0)
+    keep = os.urandom(200_000)
+    async with direct_pair(settings) as (lch, dch, *_):
+        async with trio.open_nursery() as nursery:
+            for tag, data in garbage.items():
+                nursery.start_soon(dch.send, tag, data)
+            nursery.start_soon(dch.send, keep_tag, keep)
+        everything = sum(map(len, garbage.values())) + len(keep)
+        # every transfer started (charged in full) and every byte arrived: all are buffered
+        await wait_until(
+            lambda: lch.unclaimed_bytes == everything and lch.bytes_received == everything
+        )
+        released = lch.discard(of_attempt(0xA5))
+        assert released == sum(map(len, garbage.values()))
+        assert lch.unclaimed_bytes == len(keep)
+        assert lch.counters.transfers_discarded == len(garbage)
+        assert lch.counters.bytes_discarded == released
+        assert await lch.receive(keep_tag) == keep
+        assert lch.unclaimed_bytes == 0
+        with pytest.raises(BulkTimeout, match="not started"):
+            await lch.receive(attempt_tag(0xA5, 0), timeout_s=0.2)
+
+        # the same attempt's tags sent later are dropped as they arrive, striped or not
+        late = os.urandom(500_000)
+        await dch.send(attempt_tag(0xA5, 7), late)
+        await dch.send(attempt_tag(0xB6, 1), b"after")
+        assert await lch.receive(attempt_tag(0xB6, 1)) == b"after"
+        await wait_until(lambda: lch.bytes_received == dch.bytes_sent)
+        assert lch.unclaimed_bytes == 0
+        assert lch.counters.transfers_discarded == len(garbage) + 1
+        assert lch.counters.bytes_discarded == released + len(late)
+        assert lch.failure is None and dch.failure is None
+
+
+async def test_discard_drops_a_partly_arrived_transfer_and_its_late_frames() -> None:
+    garbage = os.urandom(3000)
+    fresh = os.urandom(2500)
+    tag = attempt_tag(7, 1)
+    async with raw_to_channel(small_settings()) as (raw, channel):
+        await raw.send(raw.frame(tag, 3000, 1000, 1000, garbage[1000:2000], transfer=1))
+        await raw.send(raw.frame(tag, 3000, 0, 1000, garbage[:1000], transfer=1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 3000  # charged in full at the first frame
+        assert channel.discard(of_attempt(7)) == 3000
+        assert channel.unclaimed_bytes == 0
+        assert channel.counters.bytes_discarded == 2000  # what had arrived
+        await raw.send(raw.frame(tag, 3000, 2000, 1000, garbage[2000:], transfer=1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 0
+        assert channel.counters.bytes_discarded == 3000
+        assert channel.counters.transfers_discarded == 1
+        assert not channel._transfers  # its last chunk came: nothing of it is remembered
+        # a new transfer of another tag, in several frames, goes through byte-exact
+        for offset in range(0, 2500, 1000):
+            part = fresh[offset : offset + 1000]
+            await raw.send(raw.frame(9, 2500, offset, 1000, part, transfer=2))
+        into = bytearray(2500)
+        assert await channel.receive(9, into=into) == fresh
+        assert into == fresh
+        assert channel.failure is None and channel.unclaimed_bytes == 0
+
+
+async def test_tampered_late_frame_of_a_discarded_transfer_still_fails_the_channel() -> None:
+    tag = attempt_tag(7, 1)
+    async with raw_to_channel(small_settings()) as (raw, channel):
+        await raw.send(raw.frame(tag, 2000, 0, 1000, bytes(1000)))
+        await trio.testing.wait_all_tasks_blocked()
+        channel.discard(of_attempt(7))
+        frame = raw.frame(tag, 2000, 1000, 1000, bytes(1000))
+        frame[FRAME_HEADER_BYTES + 10] ^= 0x01
+        await raw.send(frame)
+        with pytest.raises(BulkProtocolError, match="failed authentication"):
+            await channel.receive(9)
+        assert await peer_saw_close(raw)
+
+
+async def test_transfer_of_a_discarded_tag_sent_later_never_becomes_receivable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tag = attempt_tag(3, 5)
+    data = os.urandom(1500)
+    async with raw_to_channel(small_settings(io_timeout_s=2.0)) as (raw, channel):
+        assert channel.discard(of_attempt(3)) == 0  # nothing buffered yet
+        await raw.send(raw.frame(tag, 1500, 0, 1000, data[:1000]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 0
+        await raw.send(raw.frame(tag, 1500, 1000, 1000, data[1000:]))
+        await raw.send(raw.frame(attempt_tag(4, 5), 2, 0, 2, b"ok", transfer=77))
+        assert await channel.receive(attempt_tag(4, 5)) == b"ok"  # a non-matching tag
+        assert channel.unclaimed_bytes == 0
+        with pytest.raises(BulkTimeout, match="not started"):
+            await channel.receive(tag, timeout_s=1.0)
+        assert channel.counters.transfers_discarded == 1
+        assert channel.counters.bytes_discarded == 1500
+        assert channel.failure is None
+
+
+async def test_discard_makes_room_under_the_unclaimed_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = small_settings(max_unclaimed_bytes=3000, io_timeout_s=2.0)
+    async with raw_to_channel(settings) as (raw, channel):
+        await raw.send(raw.frame(attempt_tag(1, 0), 2000, 0, 2000, bytes(2000), transfer=1))
+        # 2000 + 2000 > 3000: the reader waits for room for this one
+        await raw.send(raw.frame(attempt_tag(2, 0), 2000, 0, 2000, b"n" * 2000, transfer=2))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 2000
+        assert channel.discard(of_attempt(1)) == 2000
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 2000  # the waiting transfer got in
+        await trio.sleep(5)  # beyond io_timeout_s: without the discard this overflowed
+        assert channel.failure is None
+        # more garbage of the discarded attempt does not count against the limit either
+        await raw.send(raw.frame(attempt_tag(1, 1), 2000, 0, 2000, bytes(2000), transfer=3))
+        await trio.sleep(5)
+        assert channel.failure is None and channel.unclaimed_bytes == 2000
+        assert await channel.receive(attempt_tag(2, 0)) == b"n" * 2000
+        await raw.send(raw.frame(5, 1500, 0, 1500, b"x" * 1500, transfer=4))
+        await raw.send(raw.frame(6, 1500, 0, 1500, b"y" * 1500, transfer=5))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 3000
+        assert await channel.receive(6) == b"y" * 1500
+        assert await channel.receive(5) == b"x" * 1500
+        assert channel.failure is None and channel.unclaimed_bytes == 0
+
+
+async def test_discard_leaves_receives_in_progress_alone() -> None:
+    mid, waiting, tentative = attempt_tag(8, 0), attempt_tag(8, 1), attempt_tag(8, 2)
+    data = {tag: os.urandom(3000) for tag in (mid, waiting, tentative)}
+    async with raw_to_channel(small_settings()) as (raw, channel):
+        results: dict[int, bytes] = {}
+        buffers = {tag: bytearray(3000) for tag in data}
+
+        async def receive(tag: int) -> None:
+            results[tag] = bytes(await channel.receive(tag, into=buffers[tag]))
+
+        async with trio.open_nursery() as nursery:
+            for tag in data:
+                nursery.start_soon(receive, tag)
+            await trio.testing.wait_all_tasks_blocked()
+            # `mid` is sure of its transfer (chunk 0 came), `tentative` holds a middle chunk
+            # (an earlier transfer of its tag could still turn up), `waiting` has nothing
+            await raw.send(raw.frame(mid, 3000, 0, 1000, data[mid][:1000], transfer=1))
+            await raw.send(
+                raw.frame(tentative, 3000, 1000, 1000, data[tentative][1000:2000], transfer=3)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert channel.discard(of_attempt(8)) == 0
+            await raw.send(raw.frame(mid, 3000, 1000, 1000, data[mid][1000:2000], transfer=1))
+            await raw.send(raw.frame(mid, 3000, 2000, 1000, data[mid][2000:], transfer=1))
+            for offset in range(0, 3000, 1000):
+                part = data[waiting][offset : offset + 1000]
+                await raw.send(raw.frame(waiting, 3000, offset, 1000, part, transfer=2))
+            await raw.send(raw.frame(tentative, 3000, 0, 1000, data[tentative][:1000], transfer=3))
+            await raw.send(
+                raw.frame(tentative, 3000, 2000, 1000, data[tentative][2000:], transfer=3)
+            )
+        assert results == data
+        assert all(buffers[tag] == data[tag] for tag in data)
+        assert channel.counters.bytes_copied == 0  # decrypted straight into the buffers
+        assert channel.counters.transfers_discarded == 0
+        assert channel.failure is None and channel.unclaimed_bytes == 0
+
+
+async def test_receive_giving_up_on_a_discarded_tag_drops_rather_than_buffers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tag = attempt_tag(6, 0)
+    data = os.urandom(3000)
+    async with raw_to_channel(small_settings(io_timeout_s=2.0)) as (raw, channel):
+        async with trio.open_nursery() as nursery:
+
+            async def impatient() -> None:
+                with pytest.raises(BulkTimeout):
+                    await channel.receive(tag, into=bytearray(3000), timeout_s=1.0)
+
+            nursery.start_soon(impatient)
+            await trio.testing.wait_all_tasks_blocked()
+            await raw.send(raw.frame(tag, 3000, 1000, 1000, data[1000:2000]))
+            await trio.testing.wait_all_tasks_blocked()
+            channel.discard(of_attempt(6))
+        # the receive gave up holding a tentative transfer: it is dropped, not buffered
+        assert channel.unclaimed_bytes == 0
+        assert channel.counters.transfers_discarded == 1
+        await raw.send(raw.frame(tag, 3000, 0, 1000, data[:1000]))
+        await raw.send(raw.frame(tag, 3000, 2000, 1000, data[2000:]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 0
+        assert channel.counters.bytes_discarded == 3000
+        with pytest.raises(BulkTimeout):
+            await channel.receive(tag, timeout_s=1.0)
+        assert channel.failure is None
+
+
+async def test_only_the_newest_discard_rules_are_kept() -> None:
+    async with raw_to_channel(small_settings(max_discard_rules=2)) as (raw, channel):
+        for tag in (1, 2, 3):
+            channel.discard(lambda t, tag=tag: t == tag)  # type: ignore[misc]
+        for tag in (1, 2, 3):
+            await raw.send(raw.frame(tag, 4, 0, 4, b"data", transfer=tag))
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 4  # the rule for tag 1 was forgotten, oldest first
+        assert channel.counters.transfers_discarded == 2
+        assert await channel.receive(1) == b"data"
+
+
+async def test_a_discard_predicate_that_raises_is_refused_or_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, LOGGER)
+    only_one = {1: True}
+    async with raw_to_channel(small_settings()) as (raw, channel):
+        channel.discard(lambda t: only_one[t])  # nothing buffered: not called yet
+        await raw.send(raw.frame(2, 3, 0, 3, b"two", transfer=2))  # raises KeyError inside
+        await trio.testing.wait_all_tasks_blocked()
+        assert "discard predicate" in caplog.text and channel.failure is None
+        await raw.send(raw.frame(1, 3, 0, 3, b"one", transfer=1))  # the rule is gone
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.unclaimed_bytes == 6
+        with pytest.raises(KeyError):  # raising at once: nothing dropped, nothing remembered
+            channel.discard(lambda t: only_one[t])
+        assert channel.unclaimed_bytes == 6 and channel.counters.transfers_discarded == 0
+        assert await channel.receive(2) == b"two"
+        assert await channel.receive(1) == b"one"
+        with pytest.raises(TypeError, match="callable"):
+            channel.discard(5)  # type: ignore[arg-type]
+
+
+def test_settings_refuse_zero_discard_rules() -> None:
+    with pytest.raises(ValueError, match="max_discard_rules"):
+        BulkSettings(max_discard_rules=0)
