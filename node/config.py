@@ -49,6 +49,18 @@ class NodeConfig:
     max_clock_skew_s: float = 30.0
     max_frame_bytes: int = 1 << 20
     log_level: str = "info"
+    bulk_connections: int = 2
+    bulk_port: int = 0
+    bulk_io_timeout_s: float = 10.0
+    bulk_handshake_timeout_s: float = 5.0
+    bulk_setup_timeout_s: float = 10.0
+    allreduce_workload: str = "none"
+    allreduce_check_elems: int = 1 << 16
+    allreduce_compression: str = "none"
+    allreduce_join_wait_s: float = 5.0
+    allreduce_ready_timeout_s: float = 10.0
+    allreduce_accept_timeout_s: float = 5.0
+    allreduce_coordinator_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,6 +100,13 @@ def _positive_seconds(value: Any) -> float:
 def _positive_int(value: Any) -> int:
     number = int(value) if isinstance(value, str) else value
     if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+        raise ValueError
+    return number
+
+
+def _port(value: Any) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= 65535:
         raise ValueError
     return number
 
@@ -165,6 +184,20 @@ KEYS: dict[str, Key] = {
     "log_level": Key(
         _choice("debug", "info", "warning", "error"), "one of: debug, info, warning, error"
     ),
+    "bulk_connections": Key(_positive_int, "a positive number of TCP connections per peer"),
+    "bulk_port": Key(_port, "a TCP port number, 0 for any free port"),
+    "bulk_io_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "bulk_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "bulk_setup_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_workload": Key(_choice("none", "check"), "one of: none, check"),
+    "allreduce_check_elems": Key(_positive_int, "a positive number of float32 elements"),
+    "allreduce_compression": Key(
+        _choice("none", "fp16", "bf16", "uint8"), "one of: none, fp16, bf16, uint8"
+    ),
+    "allreduce_join_wait_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
 }
 

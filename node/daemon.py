@@ -25,6 +25,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from net.bulk import BulkListener, BulkSettings
+from net.bulk_peers import BulkPeers
 from net.host import (
     WIRE,
     announce_addrs,
@@ -37,8 +39,10 @@ from net.host import (
     swarm_protocol,
 )
 from net.links import ControlLinks, LinkSettings
+from node.collective import AllReduceGroup, GroupSettings, NetTransport
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
+from protocols.allreduce import AllReduceSettings
 from protocols.membership import Membership, MembershipSettings
 from protocols.presence import PresenceRecord, Signer, decode_record
 
@@ -85,7 +89,7 @@ class Node:
         self.addrs: list[str] = []
         self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
-        self.allreduce: dict[str, Any] | None = None
+        self.group: AllReduceGroup | None = None
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -141,17 +145,71 @@ class Node:
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
+            await self._start_bulk(nursery)
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
             for addr in self.config.join:
                 nursery.start_soon(self._join, addr)
+            if self.config.allreduce_workload != "none":
+                self.group = self._make_group()
+                nursery.start_soon(self.group.run)
             log.info("node %s ready in swarm %r at %s", self.peer_id, self.config.swarm, self.addrs)
             if self.on_ready is not None:
                 self.on_ready(self)
             await self._stop.wait()
             await self._leave()
             nursery.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ data plane
+
+    async def _start_bulk(self, nursery: trio.Nursery) -> None:
+        c = self.config
+        settings = BulkSettings(
+            connections_per_peer=c.bulk_connections,
+            io_timeout_s=c.bulk_io_timeout_s,
+            handshake_timeout_s=c.bulk_handshake_timeout_s,
+        )
+        bind = _bind_host(c.listen)
+        listener = BulkListener(settings, bind_host=bind, bind_port=c.bulk_port)
+        await nursery.start(listener.serve)
+        self.bulk = BulkPeers(
+            self.peer_id,
+            self.host,
+            self.links,
+            listener,
+            settings,
+            swarm_protocol(c.swarm, "bulk"),
+            nursery,
+            c.bulk_setup_timeout_s,
+        )
+
+    def _make_group(self) -> AllReduceGroup:
+        c = self.config
+        transport = NetTransport(self.links, self.bulk, c.bulk_io_timeout_s)
+        settings = GroupSettings(
+            workload=c.allreduce_workload,
+            check_elems=c.allreduce_check_elems,
+            compression=c.allreduce_compression,
+            io_timeout_s=c.bulk_io_timeout_s,
+            join_wait_s=c.allreduce_join_wait_s,
+            round_timeouts=AllReduceSettings(
+                ready_timeout_s=c.allreduce_ready_timeout_s,
+                accept_timeout_s=c.allreduce_accept_timeout_s,
+                coordinator_timeout_s=c.allreduce_coordinator_timeout_s,
+                proposal_timeout_s=c.allreduce_ready_timeout_s + 2 * c.allreduce_join_wait_s + 5,
+            ),
+        )
+
+        def peers() -> dict[str, str]:
+            out = {}
+            for member in self.membership.table.others():
+                group = (member.record.training or {}).get("allreduce")
+                if isinstance(group, dict) and group.get("group") == c.swarm:
+                    out[member.record.peer_id] = str(group.get("phase"))
+            return out
+
+        return AllReduceGroup(self.peer_id, c.swarm, transport, settings, peers)
 
     # ------------------------------------------------------------------ membership
 
@@ -161,7 +219,15 @@ class Node:
             "role": self.config.role,
             "version": VERSION,
             "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
-            "training": self.training,
+            "training": {
+                **(self.training or {}),
+                **(
+                    {"allreduce": {"group": self.config.swarm, "phase": self.group.phase}}
+                    if self.group is not None
+                    else {}
+                ),
+            }
+            or None,
         }
 
     async def _heartbeat_loop(self) -> None:
@@ -227,6 +293,9 @@ class Node:
 
     def _forget(self, peer_id: str) -> None:
         self.liveness.pop(peer_id, None)
+        if self.group is not None:
+            self.group.on_peer_lost(peer_id)
+        self.bulk.close(peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self.links.forget, peer_id)
 
@@ -259,6 +328,21 @@ class Node:
             await trio.sleep(self.config.join_retry_s)
 
     async def _on_message(self, sender: str, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind.startswith(("ar.", "ss.")):
+            if self.group is not None and sender in self.membership.table.peer_ids():
+                self.group.on_control(sender, message)
+            else:
+                log.warning(
+                    "ignoring %s from %s: not in this node's all-reduce group", kind[:40], sender
+                )
+            return
+        if kind.startswith("bulk."):
+            if sender in self.membership.table.peer_ids():
+                self.bulk.on_message(sender, message)
+            else:
+                log.warning("ignoring %s from %s: not a member", kind[:40], sender)
+            return
         reaction = self.membership.on_message(sender, message, time.time())
         for reason in reaction.rejected:
             self.rejected_messages += 1
@@ -359,6 +443,7 @@ class Node:
                     if live is None or live.rtt_ms is None
                     else round(live.rtt_ms, 3),
                     "last_seen_s": round(max(0.0, now - member.last_seen), 3),
+                    "bulk": self.bulk.path(pid),
                     "role": member.record.role,
                     "version": member.record.version,
                 }
@@ -378,8 +463,17 @@ class Node:
             "bytes_out": WIRE.bytes_out,
             "rejected": {"messages": self.rejected_messages, "frames": self.links.rejected_frames},
             "training": self.training,
-            "allreduce": self.allreduce,
+            "allreduce": None if self.group is None else self.group.status(),
         }
+
+
+def _bind_host(listen: tuple[str, ...]) -> str:
+    """The IPv4 address the bulk listener binds: the first listen address's, else all."""
+    for addr in listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            return parts[2]
+    return "0.0.0.0"
 
 
 def _mentions_bind_failure(exc: BaseException) -> bool:

@@ -1,0 +1,275 @@
+"""The node's all-reduce group: the sans-IO round machine driven over real links.
+
+``NetTransport`` gives ``protocols.simnet.RoundRunner`` what it needs from the network:
+control messages over the node's control links, tensor bytes over bulk channels (tags mapped
+to the channel's u64 tags so that a whole aborted attempt can be discarded by prefix).
+``AllReduceGroup`` owns the runner, the shared-state sync, the counters that ``shoal status``
+shows, and (for ``allreduce_workload = "check"``) a loop of back-to-back rounds on
+deterministic inputs whose exact weighted mean any test can recompute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from net.bulk_frames import BulkError
+from net.bulk_peers import BulkPeers, BulkUnavailable
+from net.links import ControlLinks
+from protocols.allreduce import AllReduceMember, AllReduceSettings, Completed, Skipped
+from protocols.codec import Compression
+from protocols.shared_state import SharedState, SharedStateError
+from protocols.simnet import RoundRunner, RunnerSettings, StateSync, TransportError
+
+log = logging.getLogger("shoal.node.allreduce")
+
+_ATTEMPT_TAG = re.compile(r"^(.*\.r\d+\.a\d+)\.(.+)$")
+HISTORY_ROUNDS = 200
+
+
+def _h32(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+
+
+def bulk_tag(tag: str) -> int:
+    """The u64 bulk tag of a string tag: high half names the attempt, low half the transfer."""
+    match = _ATTEMPT_TAG.match(tag)
+    prefix, rest = (match.group(1), match.group(2)) if match else ("", tag)
+    return (_h32(prefix) << 32) | _h32(rest)
+
+
+class NetTransport:
+    """``protocols.simnet.Transport`` over control links and bulk channels."""
+
+    def __init__(self, links: ControlLinks, bulk: BulkPeers, io_timeout_s: float) -> None:
+        self.links = links
+        self.bulk = bulk
+        self.io_timeout_s = io_timeout_s
+
+    async def send_control(self, peer: str, msg: dict[str, Any]) -> None:
+        if not await self.links.send(peer, msg):
+            raise TransportError(peer, "control link down")
+
+    async def send_tensor(self, peer: str, tag: str, data: bytes) -> None:
+        try:
+            channel = await self.bulk.get(peer)
+            await channel.send(bulk_tag(tag), data)
+        except (BulkError, BulkUnavailable) as exc:
+            raise TransportError(peer, f"bulk send: {exc}") from None
+
+    async def recv_tensor(self, peer: str, tag: str) -> bytes:
+        try:
+            channel = await self.bulk.get(peer)
+            return bytes(await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s))
+        except (BulkError, BulkUnavailable) as exc:
+            raise TransportError(peer, f"bulk receive: {exc}") from None
+
+    def discard_tensors(self, tag_prefix: str) -> None:
+        high = _h32(tag_prefix)
+        for channel in list(self.bulk.channels.values()):
+            discard = getattr(channel, "discard", None)
+            if discard is not None:
+                discard(lambda tag: tag >> 32 == high)
+
+
+def check_tensor(peer_id: str, round_index: int, elems: int) -> torch.Tensor:
+    """A member's input of a check round: integers in [-1000, 1000] as float32.
+
+    Integer inputs and integer weights keep every partial sum exact in float32, so the ring's
+    result is the exact weighted mean, one rounding, whatever the ring order.
+    """
+    seed = int.from_bytes(
+        hashlib.blake2b(f"{peer_id}/{round_index}".encode(), digest_size=8).digest()
+    )
+    gen = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randint(-1000, 1001, (elems,), generator=gen, dtype=torch.int32).to(torch.float32)
+
+
+def check_weight(peer_id: str) -> float:
+    """A member's weight in check rounds: 1 to 4, from its peer id."""
+    return float(1 + _h32(peer_id) % 4)
+
+
+def expected_mean(members: list[str], round_index: int, elems: int) -> torch.Tensor:
+    """The exact weighted mean of ``members``' check inputs (what every member must hold)."""
+    acc = torch.zeros(elems, dtype=torch.float64)
+    total = 0.0
+    for peer in members:
+        acc += check_weight(peer) * check_tensor(peer, round_index, elems).double()
+        total += check_weight(peer)
+    return acc.float() / torch.tensor(total, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    workload: str = "none"
+    check_elems: int = 1 << 16
+    compression: str = "none"
+    io_timeout_s: float = 10.0
+    join_wait_s: float = 10.0
+    skip_backoff_s: float = 0.5
+    group_poll_s: float = 0.1
+    round_timeouts: AllReduceSettings = field(default_factory=AllReduceSettings)
+
+
+class AllReduceGroup:
+    """This node's member of the swarm's all-reduce group."""
+
+    def __init__(
+        self,
+        me: str,
+        group: str,
+        transport: NetTransport,
+        settings: GroupSettings,
+        peers: Callable[[], dict[str, str]],
+    ) -> None:
+        self.me = me
+        self.group = group
+        self.transport = transport
+        self.settings = settings
+        self.peers = peers  # peer id -> "waiting" | "member", from the presence records
+        self.phase = "waiting"
+        self.runner: RoundRunner | None = None
+        self.sync: StateSync | None = None
+        self.state = SharedState()
+        self.rounds_done = 0
+        self.aborted = 0
+        self.retried = 0
+        self.skipped = 0
+        self.fetched_bytes = 0
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROUNDS)
+        self.last: dict[str, Any] | None = None
+
+    # -- driver side -------------------------------------------------------------------------
+
+    def on_control(self, sender: str, message: dict[str, Any]) -> None:
+        if self.runner is not None:
+            self.runner.deliver_control(sender, message)
+
+    def on_peer_lost(self, peer: str) -> None:
+        if self.runner is not None:
+            self.runner.deliver_peer_lost(peer)
+
+    async def run(self) -> None:
+        """Join (or found) the group, serve it, and run the configured workload."""
+        contacts = await self._find_group()
+        log.info(
+            "%s all-reduce group %r",
+            f"joining {contacts} in" if contacts else "founding",
+            self.group,
+        )
+        if contacts:
+            machine = AllReduceMember.joiner(
+                self.me, self.group, contacts, self.settings.round_timeouts
+            )
+        else:
+            machine = AllReduceMember(self.me, self.group, [self.me], self.settings.round_timeouts)
+        self.runner = RoundRunner(
+            machine, self.transport, RunnerSettings(io_timeout_s=self.settings.io_timeout_s)
+        )
+        if self.settings.workload == "check":
+            elems = self.settings.check_elems
+            self.state = SharedState({"acc": torch.zeros(elems, dtype=torch.float32)}, 0)
+        async with trio.open_nursery() as nursery:
+            self.sync = StateSync(self.me, self.state, self.transport, nursery)
+            self.runner.handlers["ss"] = self.sync.on_control
+            nursery.start_soon(self.runner.serve)
+            if contacts:
+                admitted = await self.runner.join()
+                log.info("admitted to all-reduce group %r at round %d", self.group, admitted.round)
+                await self._sync_state(list(admitted.members), admitted.round)
+            self.phase = "member"
+            if self.settings.workload == "check":
+                await self._check_rounds()
+
+    async def _find_group(self) -> list[str]:
+        """Members already in the group; none means this node founds it.
+
+        A node founds the group only after ``join_wait_s`` without seeing a member, and only if
+        its peer id is the lowest of the nodes waiting to join, so nodes that start together
+        found one group, not several.
+        """
+        deadline = trio.current_time() + self.settings.join_wait_s
+        while True:
+            peers = self.peers()
+            members = sorted(p for p, phase in peers.items() if phase == "member")
+            if members:
+                return members
+            waiting = [p for p, phase in peers.items() if phase == "waiting"]
+            if trio.current_time() >= deadline and all(self.me < p for p in waiting):
+                return []
+            await trio.sleep(self.settings.group_poll_s)
+
+    async def _sync_state(self, members: list[str], round_index: int) -> None:
+        assert self.sync is not None
+        others = [m for m in members if m != self.me]
+        try:
+            self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=True)
+        except (SharedStateError, trio.TooSlowError, TransportError) as exc:
+            log.warning("shared-state sync failed: %s", exc)
+        self.sync.mark_round(round_index)
+
+    async def _check_rounds(self) -> None:
+        assert self.runner is not None and self.sync is not None
+        compression = Compression(self.settings.compression)
+        while True:
+            round_index = self.runner.machine.round
+            x = check_tensor(self.me, round_index, self.settings.check_elems)
+            started = time.monotonic()
+            result = await self.runner.allreduce({"x": x}, check_weight(self.me), compression)
+            duration = time.monotonic() - started
+            outcome = result.outcome
+            self.aborted += len(result.aborts)
+            entry: dict[str, Any] = {
+                "round": outcome.round,
+                "aborts": len(result.aborts),
+                "duration_s": round(duration, 4),
+            }
+            if isinstance(outcome, Completed):
+                self.rounds_done += 1
+                self.retried += bool(result.aborts)
+                acc = self.state.tensors["acc"] + x
+                self.state.update({"acc": acc}, self.state.revision + 1)
+                entry |= {
+                    "outcome": "completed",
+                    "attempt": outcome.attempt,
+                    "members": list(outcome.members),
+                    "hash": outcome.result_hash,
+                    "state": self.state.summary().fingerprint(),
+                }
+            else:
+                assert isinstance(outcome, Skipped)
+                self.skipped += 1
+                entry |= {"outcome": "skipped", "reason": outcome.reason}
+            self.sync.mark_round(self.runner.machine.round)
+            self.history.append(entry)
+            self.last = entry
+            if isinstance(outcome, Skipped):
+                await trio.sleep(self.settings.skip_backoff_s)
+
+    def status(self) -> dict[str, Any]:
+        bulk = self.transport.bulk
+        return {
+            "group": self.group,
+            "workload": self.settings.workload,
+            "round": None if self.runner is None else self.runner.machine.round,
+            "rounds_done": self.rounds_done,
+            "aborted": self.aborted,
+            "retried": self.retried,
+            "skipped": self.skipped,
+            "bytes_sent": sum(c.bytes_sent for c in bulk.channels.values()),
+            "bytes_received": sum(c.bytes_received for c in bulk.channels.values()),
+            "state_fetched_bytes": self.fetched_bytes,
+            "state": {"revision": self.state.revision, "hash": self.state.summary().fingerprint()},
+            "last": self.last,
+            "history": list(self.history),
+        }
