@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import time
 from collections import deque
@@ -48,16 +49,43 @@ def bulk_tag(tag: str) -> int:
 
 
 class NetTransport:
-    """``protocols.simnet.Transport`` over control links and bulk channels."""
+    """``protocols.simnet.Transport`` over control links and bulk channels.
 
-    def __init__(self, links: ControlLinks, bulk: BulkPeers, io_timeout_s: float) -> None:
+    Control messages go through one queue and one sending task per peer: the round machine
+    never waits on a slow or unreachable peer (a connection to a peer being dialed can take
+    seconds), order per peer is kept, and a failed send is reported as that peer's loss.
+    """
+
+    def __init__(
+        self,
+        links: ControlLinks,
+        bulk: BulkPeers,
+        io_timeout_s: float,
+        nursery: trio.Nursery,
+        on_send_failure: Callable[[str, str], None],
+    ) -> None:
         self.links = links
         self.bulk = bulk
         self.io_timeout_s = io_timeout_s
+        self.nursery = nursery
+        self.on_send_failure = on_send_failure
+        self._queues: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
 
     async def send_control(self, peer: str, msg: dict[str, Any]) -> None:
-        if not await self.links.send(peer, msg):
-            raise TransportError(peer, "control link down")
+        queue = self._queues.get(peer)
+        if queue is None:
+            queue, outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
+            self._queues[peer] = queue
+            self.nursery.start_soon(self._drain, peer, outbox)
+        queue.send_nowait(msg)
+
+    async def _drain(self, peer: str, outbox: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        async for msg in outbox:
+            if not await self.links.send(peer, msg):
+                if self._queues.get(peer) is not None:
+                    del self._queues[peer]
+                self.on_send_failure(peer, "control link down")
+                return
 
     async def send_tensor(self, peer: str, tag: str, data: bytes) -> None:
         try:
@@ -118,6 +146,7 @@ class GroupSettings:
     join_wait_s: float = 10.0
     skip_backoff_s: float = 0.5
     group_poll_s: float = 0.1
+    rejoin_after_skips: int = 3
     round_timeouts: AllReduceSettings = field(default_factory=AllReduceSettings)
 
 
@@ -160,25 +189,37 @@ class AllReduceGroup:
             self.runner.deliver_peer_lost(peer)
 
     async def run(self) -> None:
-        """Join (or found) the group, serve it, and run the configured workload."""
+        """Join (or found) the group, serve it, and run the configured workload.
+
+        A member that falls out of the group (its rounds keep being skipped because the
+        others moved on, e.g. after a stall) joins again as a newcomer, which also brings its
+        shared state back in line.
+        """
+        if self.settings.workload == "check":
+            elems = self.settings.check_elems
+            self.state = SharedState({"acc": torch.zeros(elems, dtype=torch.float32)}, 0)
         contacts = await self._find_group()
+        while True:
+            await self._membership(contacts)
+            self.phase = "waiting"
+            log.info("fell out of all-reduce group %r; joining again", self.group)
+            contacts = await self._find_group()
+
+    async def _membership(self, contacts: list[str]) -> None:
+        """One stay in the group: returns when this member has to join again."""
         log.info(
             "%s all-reduce group %r",
             f"joining {contacts} in" if contacts else "founding",
             self.group,
         )
+        timeouts = self.settings.round_timeouts
         if contacts:
-            machine = AllReduceMember.joiner(
-                self.me, self.group, contacts, self.settings.round_timeouts
-            )
+            machine = AllReduceMember.joiner(self.me, self.group, contacts, timeouts)
         else:
-            machine = AllReduceMember(self.me, self.group, [self.me], self.settings.round_timeouts)
+            machine = AllReduceMember(self.me, self.group, [self.me], timeouts)
         self.runner = RoundRunner(
             machine, self.transport, RunnerSettings(io_timeout_s=self.settings.io_timeout_s)
         )
-        if self.settings.workload == "check":
-            elems = self.settings.check_elems
-            self.state = SharedState({"acc": torch.zeros(elems, dtype=torch.float32)}, 0)
         async with trio.open_nursery() as nursery:
             self.sync = StateSync(self.me, self.state, self.transport, nursery)
             self.runner.handlers["ss"] = self.sync.on_control
@@ -190,6 +231,9 @@ class AllReduceGroup:
             self.phase = "member"
             if self.settings.workload == "check":
                 await self._check_rounds()
+            else:
+                await trio.sleep_forever()
+            nursery.cancel_scope.cancel()
 
     async def _find_group(self) -> list[str]:
         """Members already in the group; none means this node founds it.
@@ -219,8 +263,11 @@ class AllReduceGroup:
         self.sync.mark_round(round_index)
 
     async def _check_rounds(self) -> None:
+        """Back-to-back rounds until ``rejoin_after_skips`` rounds in a row are skipped while
+        other members are around (this member fell behind the group)."""
         assert self.runner is not None and self.sync is not None
         compression = Compression(self.settings.compression)
+        skipped_in_a_row = 0
         while True:
             round_index = self.runner.machine.round
             x = check_tensor(self.me, round_index, self.settings.check_elems)
@@ -229,9 +276,14 @@ class AllReduceGroup:
             duration = time.monotonic() - started
             outcome = result.outcome
             self.aborted += len(result.aborts)
+            for abort in result.aborts:
+                log.info(
+                    "round %d attempt %d aborted: %s", abort.round, abort.attempt, abort.reason
+                )
             entry: dict[str, Any] = {
                 "round": outcome.round,
                 "aborts": len(result.aborts),
+                "abort_reasons": [a.reason for a in result.aborts],
                 "duration_s": round(duration, 4),
             }
             if isinstance(outcome, Completed):
@@ -249,12 +301,20 @@ class AllReduceGroup:
             else:
                 assert isinstance(outcome, Skipped)
                 self.skipped += 1
+                log.info("round %d skipped: %s", outcome.round, outcome.reason)
                 entry |= {"outcome": "skipped", "reason": outcome.reason}
             self.sync.mark_round(self.runner.machine.round)
             self.history.append(entry)
             self.last = entry
             if isinstance(outcome, Skipped):
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= self.settings.rejoin_after_skips and any(
+                    phase == "member" for phase in self.peers().values()
+                ):
+                    return
                 await trio.sleep(self.settings.skip_backoff_s)
+            else:
+                skipped_in_a_row = 0
 
     def status(self) -> dict[str, Any]:
         bulk = self.transport.bulk

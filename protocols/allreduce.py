@@ -154,10 +154,10 @@ class Proposal:
     weights: tuple[float, ...]
     spec: RoundSpec
     chunk_elems: int
-
-    @property
-    def proposer(self) -> str:
-        return min(self.members)
+    # The coordinator that proposed: the lowest id of the round's existing members for a first
+    # attempt (an admitted joiner may have a lower id and still not coordinate the round it
+    # joins in), the survivors' lowest id for a retry.
+    proposer: str
 
     def weight_of(self) -> dict[str, float]:
         return dict(zip(self.members, self.weights, strict=True))
@@ -229,6 +229,7 @@ def encode_message(group: str, message: Message) -> dict[str, Any]:
                 "spec": m.spec.to_wire(),
                 "codec": m.spec.compression.value,
                 "chunk_elems": m.chunk_elems,
+                "proposer": m.proposer,
             }
         case Accept(round=r, attempt=a):
             return {"t": "ar.accept", **base, "round": r, "attempt": a}
@@ -356,6 +357,9 @@ def decode_message(raw: object, group: str, settings: AllReduceSettings) -> Mess
         weights = tuple(f.weight(w, "a member weight") for w in raw_weights)
         if members and not math.fsum(weights) > 0:
             raise MessageError("proposed weights sum to zero")
+        proposer = f.text("proposer", settings.max_peer_id_chars)
+        if proposer not in members:
+            raise MessageError("the proposer of a proposal must be one of its members")
         return Proposal(
             f.count("round"),
             f.count("attempt", 1),
@@ -363,6 +367,7 @@ def decode_message(raw: object, group: str, settings: AllReduceSettings) -> Mess
             weights,
             f.spec(),
             f.count("chunk_elems", 1, settings.max_chunk_elems),
+            proposer,
         )
     if kind in ("ar.accept", "ar.go"):
         cls = Accept if kind == "ar.accept" else Go
@@ -744,7 +749,7 @@ class AllReduceMember:
         if p.round > self.round:
             return self._reject(sender, f"proposal for round {p.round}, this is {self.round}")
         if sender != p.proposer:
-            return self._reject(sender, "proposer is not the lowest id of its own proposal")
+            return self._reject(sender, "a proposal must come from its own proposer")
         if p.attempt < self.attempt or (p.attempt == self.attempt and self._proposal is not None):
             self.counters.stale += 1
             return []
@@ -921,6 +926,7 @@ class AllReduceMember:
             tuple(weights[peer] for peer in ring),
             self._spec,
             self.settings.chunk_elems,
+            self.me,
         )
         self._enter_attempt(proposal)
         self._accepts = {self.me}

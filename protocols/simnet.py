@@ -17,6 +17,7 @@ Two layers, kept apart so the real network driver can reuse the first:
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from protocols.shared_state import (
     StateSummary,
     plan_sync,
 )
+
+log = logging.getLogger("shoal.protocols.allreduce")
 
 # -- what a driver needs from the network ---------------------------------------------------------
 
@@ -278,8 +281,12 @@ class RoundRunner:
                     self._finish(event)
                 case Rejected():
                     self.rejected.append(event)
+                    log.warning(
+                        "rejected all-reduce message from %s: %s", event.sender, event.reason
+                    )
                 case ParityMismatch():
                     self.mismatches.append(event)
+                    log.error("all-reduce parity mismatch: %s", event)
                 case Admitted():
                     self.admission = event
                     self._admitted.set()

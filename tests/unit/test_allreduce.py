@@ -403,6 +403,7 @@ GOOD_PROPOSAL = {
     "spec": [["w", [4, 3], "torch.float32"]],
     "codec": "none",
     "chunk_elems": 16,
+    "proposer": "p0",
 }
 
 
@@ -461,11 +462,32 @@ def test_unknown_sender_is_rejected() -> None:
     assert m.phase is Phase.GATHERING
 
 
-def test_proposal_from_a_peer_that_is_not_its_lowest_member_is_rejected() -> None:
+def test_proposal_sent_by_someone_else_than_its_proposer_is_rejected() -> None:
     m = AllReduceMember("p1", "g", ["p0", "p1", "p2"], SETTINGS)
     m.begin(0.0, 1.0, SPEC)
-    (event,) = m.on_message("p2", {**GOOD_PROPOSAL, "members": ["p1", "p2"]}, 0.0)
-    assert isinstance(event, Rejected) and "lowest id" in event.reason
+    (event,) = m.on_message("p2", {**GOOD_PROPOSAL, "members": ["p1", "p2"], "proposer": "p1"}, 0.0)
+    assert isinstance(event, Rejected) and "its own proposer" in event.reason
+
+
+def test_proposer_must_be_a_member_of_its_proposal() -> None:
+    m = AllReduceMember("p1", "g", ["p0", "p1", "p2"], SETTINGS)
+    m.begin(0.0, 1.0, SPEC)
+    (event,) = m.on_message("p2", {**GOOD_PROPOSAL, "proposer": "p2"}, 0.0)
+    assert isinstance(event, Rejected) and "one of its members" in event.reason
+
+
+def test_an_existing_coordinator_proposes_a_round_with_a_lower_id_joiner() -> None:
+    # p5 coordinates {p5, p7}; joiner p1 (lower id) is admitted for round 1 and readies.
+    m = AllReduceMember("p7", "g", ["p5", "p7"], SETTINGS)
+    m.begin(0.0, 1.0, SPEC)
+    proposal = {
+        **GOOD_PROPOSAL,
+        "members": ["p1", "p5", "p7"],
+        "weights": [1.0, 1.0, 1.0],
+        "proposer": "p5",
+    }
+    (event,) = m.on_message("p5", proposal, 0.0)
+    assert isinstance(event, Send) and event.msg["t"] == "ar.accept"
 
 
 def test_a_good_proposal_is_accepted() -> None:

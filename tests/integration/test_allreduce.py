@@ -1,0 +1,133 @@
+"""The all-reduce across real `shoal start` processes: kills mid-round, joiners, parity."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.collective import expected_mean
+from protocols.codec import hash_tensor
+from tests.daemons import Daemon, swarm_of, wait_until
+
+pytestmark = pytest.mark.slow
+
+ELEMS = 1 << 21  # 8 MiB of float32 per member: a round spends most of its time in transfer
+CHECK = [
+    "--allreduce-workload",
+    "check",
+    "--allreduce-check-elems",
+    str(ELEMS),
+    "--allreduce-join-wait-s",
+    "2",
+]
+
+
+def history(node: Daemon) -> list[dict[str, Any]]:
+    return list(node.status()["allreduce"]["history"])
+
+
+def completed(node: Daemon) -> dict[int, dict[str, Any]]:
+    return {e["round"]: e for e in history(node) if e["outcome"] == "completed"}
+
+
+def wait_for(nodes: list[Daemon], predicate: Any, timeout_s: float, what: str) -> Any:
+    """wait_until, printing what every node's all-reduce did when it times out."""
+    try:
+        return wait_until(predicate, timeout_s, what)
+    except AssertionError:
+        for d in nodes:
+            if d.alive:
+                print("=====", d.peer_id, d.status()["allreduce"]["last"])
+            print("\n".join(x for x in d.lines if "allreduce" in x or "WARN" in x)[-3000:])
+        raise
+
+
+def start_group(spawn: Any, n: int) -> list[Daemon]:
+    boot = spawn("n0", *CHECK).wait_ready()
+    nodes = [boot] + [spawn(f"n{i}", *CHECK, join=boot) for i in range(1, n)]
+    for node in nodes:
+        node.wait_ready()
+    ids = {d.peer_id for d in nodes}
+
+    def all_in() -> bool:
+        return all(any(set(e["members"]) == ids for e in completed(d).values()) for d in nodes)
+
+    wait_for(nodes, all_in, 90, f"a completed round with all {n} members")
+    return nodes
+
+
+def kill_mid_transfer(victim: Daemon) -> None:
+    """SIGKILL ``victim`` while its bulk bytes are moving (inside a round's transfer)."""
+
+    def moving() -> bool:
+        before = victim.status()["allreduce"]["bytes_sent"]
+        time.sleep(0.02)
+        return bool(victim.status()["allreduce"]["bytes_sent"] > before)
+
+    wait_until(moving, 30, "the victim to be sending round data", poll_s=0.0)
+    victim.kill()
+
+
+def check_survivors_finish_exactly(survivors: list[Daemon], killed_after: int) -> None:
+    ids = sorted(d.peer_id for d in survivors)
+
+    def survivors_round() -> int | None:
+        rounds = [
+            {r for r, e in completed(d).items() if r >= killed_after and e["members"] == ids}
+            for d in survivors
+        ]
+        common = set.intersection(*rounds)
+        return min(common) if common else None
+
+    first = wait_for(survivors, survivors_round, 60, "a round completed by the survivors alone")
+    entries = [completed(d)[first] for d in survivors]
+    # bit parity: one hash everywhere, and it is the exact weighted mean of the survivors
+    assert len({e["hash"] for e in entries}) == 1
+    assert entries[0]["hash"] == hash_tensor(expected_mean(ids, first, ELEMS))
+    # every survivor saw exactly one abort in the round the kill interrupted
+    assert [e["aborts"] for e in entries] == [1] * len(survivors), entries
+
+
+@pytest.mark.parametrize("victim_rank", ["member", "coordinator"])
+def test_sigkill_mid_round_survivors_finish_with_exact_mean(
+    tmp_path: Path, victim_rank: str
+) -> None:
+    with swarm_of(tmp_path) as spawn:
+        nodes = start_group(spawn, 5)
+        by_id = sorted(nodes, key=lambda d: d.peer_id)
+        victim = by_id[0] if victim_rank == "coordinator" else by_id[2]
+        round_now = victim.status()["allreduce"]["round"]
+        kill_mid_transfer(victim)
+        survivors = [d for d in nodes if d is not victim]
+        check_survivors_finish_exactly(survivors, round_now)
+
+
+def test_joiner_is_admitted_between_rounds_and_receives_the_shared_state(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        nodes = start_group(spawn, 3)
+        fetched_before = [d.status()["allreduce"]["state_fetched_bytes"] for d in nodes]
+        late = spawn("late", *CHECK, join=nodes[1]).wait_ready()
+        everyone = sorted(d.peer_id for d in [*nodes, late])
+
+        def joint_round() -> int | None:
+            rounds = [
+                {r for r, e in completed(d).items() if e["members"] == everyone}
+                for d in [*nodes, late]
+            ]
+            common = set.intersection(*rounds)
+            return min(common) if common else None
+
+        first = wait_for([*nodes, late], joint_round, 60, "a round with the joiner")
+        status = late.status()["allreduce"]
+        assert status["state_fetched_bytes"] >= ELEMS * 4  # it received the full state
+        # healthy members moved no state bytes for the newcomer's arrival
+        assert [d.status()["allreduce"]["state_fetched_bytes"] for d in nodes] == fetched_before
+        # it joined between rounds: its history starts with a complete round of everyone
+        assert min(completed(late)) == first
+        entries = [completed(d)[first] for d in [*nodes, late]]
+        assert len({e["hash"] for e in entries}) == 1
+        assert len({e["state"] for e in entries}) == 1  # same shared state after the round
+        assert entries[0]["hash"] == hash_tensor(expected_mean(everyone, first, ELEMS))
