@@ -147,6 +147,7 @@ class GroupSettings:
     skip_backoff_s: float = 0.5
     group_poll_s: float = 0.1
     rejoin_after_skips: int = 3
+    check_poison: str = "none"  # fault injection for tests: "nan" contributes a NaN
     round_timeouts: AllReduceSettings = field(default_factory=AllReduceSettings)
 
 
@@ -271,6 +272,8 @@ class AllReduceGroup:
         while True:
             round_index = self.runner.machine.round
             x = check_tensor(self.me, round_index, self.settings.check_elems)
+            if self.settings.check_poison == "nan":
+                x[len(x) // 2] = math.nan
             started = time.monotonic()
             result = await self.runner.allreduce({"x": x}, check_weight(self.me), compression)
             duration = time.monotonic() - started

@@ -57,6 +57,7 @@ class NodeConfig:
     allreduce_workload: str = "none"
     allreduce_check_elems: int = 1 << 16
     allreduce_compression: str = "none"
+    allreduce_check_poison: str = "none"
     allreduce_join_wait_s: float = 5.0
     allreduce_ready_timeout_s: float = 10.0
     allreduce_accept_timeout_s: float = 5.0
@@ -193,6 +194,9 @@ KEYS: dict[str, Key] = {
     "allreduce_check_elems": Key(_positive_int, "a positive number of float32 elements"),
     "allreduce_compression": Key(
         _choice("none", "fp16", "bf16", "uint8"), "one of: none, fp16, bf16, uint8"
+    ),
+    "allreduce_check_poison": Key(
+        _choice("none", "nan"), "one of: none, nan (check workload fault injection)"
     ),
     "allreduce_join_wait_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),

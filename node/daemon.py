@@ -197,6 +197,7 @@ class Node:
         settings = GroupSettings(
             workload=c.allreduce_workload,
             check_elems=c.allreduce_check_elems,
+            check_poison=c.allreduce_check_poison,
             compression=c.allreduce_compression,
             io_timeout_s=c.bulk_io_timeout_s,
             join_wait_s=c.allreduce_join_wait_s,

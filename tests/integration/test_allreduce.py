@@ -131,3 +131,24 @@ def test_joiner_is_admitted_between_rounds_and_receives_the_shared_state(tmp_pat
         assert len({e["hash"] for e in entries}) == 1
         assert len({e["state"] for e in entries}) == 1  # same shared state after the round
         assert entries[0]["hash"] == hash_tensor(expected_mean(everyone, first, ELEMS))
+
+
+def test_a_member_contributing_nan_is_left_out_and_nothing_hangs(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        nodes = start_group(spawn, 3)
+        poisoned = spawn("nan", *CHECK, "--allreduce-check-poison", "nan", join=nodes[0])
+        poisoned.wait_ready()
+        honest = sorted(d.peer_id for d in nodes)
+        seen_rounds = {d.peer_id: max(completed(d), default=-1) for d in nodes}
+
+        def honest_rounds_go_on() -> bool:
+            fresh = [
+                [e for r, e in completed(d).items() if r > seen_rounds[d.peer_id] + 3]
+                for d in nodes
+            ]
+            return all(fresh) and all(e["members"] == honest for f in fresh for e in f)
+
+        wait_for([*nodes, poisoned], honest_rounds_go_on, 60, "rounds of the honest members")
+        assert poisoned.alive
+        assert completed(poisoned) == {}  # it never completed a round with its NaN
+        assert any("NaN" in line for line in poisoned.lines)  # it says why, in its log
