@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from net.links import ControlLinks
 from protocols.allreduce import AllReduceMember, AllReduceSettings, Completed, Skipped
 from protocols.codec import Compression
 from protocols.shared_state import SharedState, SharedStateError
-from protocols.simnet import RoundRunner, RunnerSettings, StateSync, TransportError
+from protocols.simnet import RoundResult, RoundRunner, RunnerSettings, StateSync, TransportError
 
 log = logging.getLogger("shoal.node.allreduce")
 
@@ -178,6 +178,7 @@ class AllReduceGroup:
         self.fetched_bytes = 0
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROUNDS)
         self.last: dict[str, Any] | None = None
+        self._member = trio.Event()
 
     # -- driver side -------------------------------------------------------------------------
 
@@ -203,6 +204,7 @@ class AllReduceGroup:
         while True:
             await self._membership(contacts)
             self.phase = "waiting"
+            self._member = trio.Event()
             log.info("fell out of all-reduce group %r; joining again", self.group)
             contacts = await self._find_group()
 
@@ -230,6 +232,7 @@ class AllReduceGroup:
                 log.info("admitted to all-reduce group %r at round %d", self.group, admitted.round)
                 await self._sync_state(list(admitted.members), admitted.round)
             self.phase = "member"
+            self._member.set()
             if self.settings.workload == "check":
                 await self._check_rounds()
             else:
@@ -263,6 +266,71 @@ class AllReduceGroup:
             log.warning("shared-state sync failed: %s", exc)
         self.sync.mark_round(round_index)
 
+    async def wait_member(self) -> None:
+        """Return once this node is a member of the group (founded or admitted)."""
+        await self._member.wait()
+
+    async def allreduce(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        weight: float,
+        compression: Compression = Compression.NONE,
+    ) -> RoundResult:
+        """One round: on completion ``tensors`` hold the weighted mean (bit-identical on every
+        member); after aborts it retried with the survivors; skipped leaves them unchanged."""
+        await self._member.wait()
+        assert self.runner is not None and self.sync is not None
+        result, _ = await self._round(tensors, weight, compression)
+        self.sync.mark_round(self.runner.machine.round)
+        return result
+
+    async def sync_shared_state(self, tensors: dict[str, torch.Tensor], revision: int) -> int:
+        """Vote on the shared state with the group; fetch (in place) what differs; bytes fetched."""
+        await self._member.wait()
+        assert self.runner is not None and self.sync is not None
+        self.state = SharedState(dict(tensors), revision)
+        self.sync.state = self.state
+        others = sorted(self.runner.machine.view - {self.me})
+        fetched = await self.sync.sync(others, self.runner.machine.round, newcomer=False)
+        for name, tensor in self.state.tensors.items():
+            if name in tensors and tensor is not tensors[name]:
+                tensors[name].copy_(tensor)
+        self.fetched_bytes += fetched
+        return fetched
+
+    async def _round(
+        self, tensors: Mapping[str, torch.Tensor], weight: float, compression: Compression
+    ) -> tuple[RoundResult, dict[str, Any]]:
+        assert self.runner is not None
+        started = time.monotonic()
+        result = await self.runner.allreduce(tensors, weight, compression)
+        outcome = result.outcome
+        self.aborted += len(result.aborts)
+        for abort in result.aborts:
+            log.info("round %d attempt %d aborted: %s", abort.round, abort.attempt, abort.reason)
+        entry: dict[str, Any] = {
+            "round": outcome.round,
+            "aborts": len(result.aborts),
+            "abort_reasons": [a.reason for a in result.aborts],
+            "duration_s": round(time.monotonic() - started, 4),
+        }
+        if isinstance(outcome, Completed):
+            self.rounds_done += 1
+            self.retried += bool(result.aborts)
+            entry |= {
+                "outcome": "completed",
+                "attempt": outcome.attempt,
+                "members": list(outcome.members),
+                "hash": outcome.result_hash,
+            }
+        else:
+            self.skipped += 1
+            log.info("round %d skipped: %s", outcome.round, outcome.reason)
+            entry |= {"outcome": "skipped", "reason": outcome.reason}
+        self.history.append(entry)
+        self.last = entry
+        return result, entry
+
     async def _check_rounds(self) -> None:
         """Back-to-back rounds until ``rejoin_after_skips`` rounds in a row are skipped while
         other members are around (this member fell behind the group)."""
@@ -270,46 +338,16 @@ class AllReduceGroup:
         compression = Compression(self.settings.compression)
         skipped_in_a_row = 0
         while True:
-            round_index = self.runner.machine.round
-            x = check_tensor(self.me, round_index, self.settings.check_elems)
+            x = check_tensor(self.me, self.runner.machine.round, self.settings.check_elems)
             if self.settings.check_poison == "nan":
                 x[len(x) // 2] = math.nan
-            started = time.monotonic()
-            result = await self.runner.allreduce({"x": x}, check_weight(self.me), compression)
-            duration = time.monotonic() - started
-            outcome = result.outcome
-            self.aborted += len(result.aborts)
-            for abort in result.aborts:
-                log.info(
-                    "round %d attempt %d aborted: %s", abort.round, abort.attempt, abort.reason
-                )
-            entry: dict[str, Any] = {
-                "round": outcome.round,
-                "aborts": len(result.aborts),
-                "abort_reasons": [a.reason for a in result.aborts],
-                "duration_s": round(duration, 4),
-            }
-            if isinstance(outcome, Completed):
-                self.rounds_done += 1
-                self.retried += bool(result.aborts)
+            result, entry = await self._round({"x": x}, check_weight(self.me), compression)
+            if isinstance(result.outcome, Completed):
                 acc = self.state.tensors["acc"] + x
                 self.state.update({"acc": acc}, self.state.revision + 1)
-                entry |= {
-                    "outcome": "completed",
-                    "attempt": outcome.attempt,
-                    "members": list(outcome.members),
-                    "hash": outcome.result_hash,
-                    "state": self.state.summary().fingerprint(),
-                }
-            else:
-                assert isinstance(outcome, Skipped)
-                self.skipped += 1
-                log.info("round %d skipped: %s", outcome.round, outcome.reason)
-                entry |= {"outcome": "skipped", "reason": outcome.reason}
+                entry["state"] = self.state.summary().fingerprint()
             self.sync.mark_round(self.runner.machine.round)
-            self.history.append(entry)
-            self.last = entry
-            if isinstance(outcome, Skipped):
+            if isinstance(result.outcome, Skipped):
                 skipped_in_a_row += 1
                 if skipped_in_a_row >= self.settings.rejoin_after_skips and any(
                     phase == "member" for phase in self.peers().values()

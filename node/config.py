@@ -190,7 +190,9 @@ KEYS: dict[str, Key] = {
     "bulk_io_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "bulk_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "bulk_setup_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
-    "allreduce_workload": Key(_choice("none", "check"), "one of: none, check"),
+    "allreduce_workload": Key(
+        _choice("none", "check", "api"), "one of: none, check, api (node.api.Communicator)"
+    ),
     "allreduce_check_elems": Key(_positive_int, "a positive number of float32 elements"),
     "allreduce_compression": Key(
         _choice("none", "fp16", "bf16", "uint8"), "one of: none, fp16, bf16, uint8"
