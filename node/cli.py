@@ -267,11 +267,29 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     for peer in peers:
         remote = (peer.get("remote_addrs") or peer["addrs"] or ["-"])[0]
         rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f} ms"
+        bulk = peer.get("bulk") or "-"
         lines.append(
             f"{peer['peer_id']}  {peer['connection']:<8} {remote:<28} rtt {rtt:<9} "
-            f"seen {peer['last_seen_s']:.1f}s ago  {peer.get('role', '')}"
+            f"seen {peer['last_seen_s']:.1f}s ago  bulk {bulk:<6} {peer.get('role', '')}"
         )
     return "\n".join(lines)
+
+
+def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
+    if not allreduce:
+        return "-"
+    last = allreduce.get("last") or {}
+    text = (
+        f"group {allreduce['group']} round {allreduce['round']}: {allreduce['rounds_done']} done, "
+        f"{allreduce['aborted']} aborted, {allreduce['retried']} retried, "
+        f"{allreduce['skipped']} skipped; sent {_bytes(allreduce['bytes_sent'])}"
+    )
+    if last.get("outcome") == "completed":
+        text += (
+            f"; last round {last['round']}: {len(last['members'])} members in "
+            f"{last['duration_s']:.3f} s"
+        )
+    return text
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -284,7 +302,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"reachability {status['reachability']}",
         f"traffic   in {_bytes(status['bytes_in'])}, out {_bytes(status['bytes_out'])}",
         f"training  {json.dumps(training) if training else '-'}",
-        f"allreduce {json.dumps(allreduce) if allreduce else '-'}",
+        f"allreduce {_allreduce_line(allreduce)}",
     ]
     lines += [f"address   {a}" for a in status["addrs"]]
     lines.append(f"peers ({len(status['peers'])}):")
