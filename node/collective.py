@@ -161,12 +161,14 @@ class AllReduceGroup:
         transport: NetTransport,
         settings: GroupSettings,
         peers: Callable[[], dict[str, str]],
+        link_costs: Callable[[], dict[tuple[str, str], float]] = dict,
     ) -> None:
         self.me = me
         self.group = group
         self.transport = transport
         self.settings = settings
         self.peers = peers  # peer id -> "waiting" | "member", from the presence records
+        self.link_costs = link_costs  # measured (a, b) -> seconds, to order the ring
         self.phase = "waiting"
         self.runner: RoundRunner | None = None
         self.sync: StateSync | None = None
@@ -302,6 +304,7 @@ class AllReduceGroup:
         self, tensors: Mapping[str, torch.Tensor], weight: float, compression: Compression
     ) -> tuple[RoundResult, dict[str, Any]]:
         assert self.runner is not None
+        self.runner.machine.set_link_costs(self.link_costs())
         started = time.monotonic()
         result = await self.runner.allreduce(tensors, weight, compression)
         outcome = result.outcome

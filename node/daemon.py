@@ -217,7 +217,7 @@ class Node:
                     out[member.record.peer_id] = str(group.get("phase"))
             return out
 
-        return AllReduceGroup(self.peer_id, c.swarm, transport, settings, peers)
+        return AllReduceGroup(self.peer_id, c.swarm, transport, settings, peers, self._link_costs)
 
     # ------------------------------------------------------------------ membership
 
@@ -229,6 +229,7 @@ class Node:
             "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
             "training": {
                 **(self.training or {}),
+                **({"links": self._measured_rtts()} if self.group is not None else {}),
                 **(
                     {"allreduce": {"group": self.config.swarm, "phase": self.group.phase}}
                     if self.group is not None
@@ -237,6 +238,25 @@ class Node:
             }
             or None,
         }
+
+    def _measured_rtts(self) -> dict[str, float]:
+        """RTT in ms to each member measured so far: published so coordinators can order rings."""
+        return {
+            pid: round(live.rtt_ms, 3)
+            for pid, live in self.liveness.items()
+            if live.rtt_ms is not None
+        }
+
+    def _link_costs(self) -> dict[tuple[str, str], float]:
+        """(a, b) -> seconds, from every member's published RTTs (ours included)."""
+        costs: dict[tuple[str, str], float] = {}
+        for member in self.membership.table.members():
+            links = (member.record.training or {}).get("links")
+            if isinstance(links, dict):
+                for peer, rtt_ms in links.items():
+                    if isinstance(peer, str) and isinstance(rtt_ms, int | float) and rtt_ms >= 0:
+                        costs[(member.record.peer_id, peer)] = float(rtt_ms) / 1000
+        return costs
 
     async def _heartbeat_loop(self) -> None:
         while True:
