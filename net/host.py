@@ -165,12 +165,14 @@ def build_host(seed: bytes, listen: Sequence[str]) -> IHost:
     )
 
 
-def build_dht(host: IHost, swarm: str, record_max_age_s: float) -> KadDHT:
-    """A server-mode DHT whose only value namespace holds signed presence records."""
+def dht_validator(swarm: str, record_max_age_s: float) -> NamespacedValidator:
+    """The DHT's validator: its only value namespace holds signed presence records."""
+    return NamespacedValidator({PRESENCE_NAMESPACE: PresenceValidator(swarm, record_max_age_s)})
+
+
+def build_dht(host: IHost, swarm: str, validator: NamespacedValidator) -> KadDHT:
+    """A server-mode Kademlia DHT under the swarm's own protocol id."""
     use_swarm_dht_protocol(swarm)
-    validator = NamespacedValidator(
-        {PRESENCE_NAMESPACE: PresenceValidator(swarm, record_max_age_s)}
-    )
     return KadDHT(
         host,
         DHTMode.SERVER,

@@ -46,6 +46,8 @@ class NodeConfig:
     join_retry_s: float = 3.0
     dht_republish_s: float = 60.0
     dht_record_max_age_s: float = 3600.0
+    dht_replication: int = 3
+    dht_query_timeout_s: float = 2.0
     max_clock_skew_s: float = 30.0
     max_frame_bytes: int = 1 << 20
     log_level: str = "info"
@@ -180,6 +182,8 @@ KEYS: dict[str, Key] = {
     "join_retry_s": Key(_positive_seconds, "a positive number of seconds"),
     "dht_republish_s": Key(_positive_seconds, "a positive number of seconds"),
     "dht_record_max_age_s": Key(_positive_seconds, "a positive number of seconds"),
+    "dht_replication": Key(_positive_int, "a positive number of members storing each DHT key"),
+    "dht_query_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "max_clock_skew_s": Key(_positive_seconds, "a positive number of seconds"),
     "max_frame_bytes": Key(_positive_int, "a positive integer number of bytes"),
     "log_level": Key(

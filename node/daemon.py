@@ -14,9 +14,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import multiaddr
@@ -33,18 +33,22 @@ from net.host import (
     build_dht,
     build_host,
     connection_info,
+    dht_validator,
     ensure_ports_free,
     install_wire_counters,
     presence_key,
     swarm_protocol,
 )
 from net.links import ControlLinks, LinkSettings
-from node.collective import AllReduceGroup, GroupSettings, NetTransport
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
-from protocols.allreduce import AllReduceSettings
+from protocols.dht_direct import DirectDHT, DirectDHTSettings, Done, closest
+from protocols.dht_direct import Reaction as DHTReaction
 from protocols.membership import Membership, MembershipSettings
 from protocols.presence import PresenceRecord, Signer, decode_record
+
+if TYPE_CHECKING:  # torch (~190 MB of RSS) is imported only by nodes that run a workload
+    from node.collective import AllReduceGroup
 
 log = logging.getLogger("shoal.node")
 
@@ -90,6 +94,17 @@ class Node:
         self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
+        self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
+        self.direct_dht = DirectDHT(
+            self.peer_id,
+            self.validator.validate,
+            self.validator.select,
+            DirectDHTSettings(
+                replication=config.dht_replication, query_timeout_s=config.dht_query_timeout_s
+            ),
+        )
+        self._dht_waiters: dict[int, tuple[trio.Event, list[Done]]] = {}
+        self.rejected_dht = 0
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -141,7 +156,7 @@ class Node:
         ]
         if not self.addrs:
             raise StartupError(f"not listening on any address ({self.config.listen})")
-        self.dht = build_dht(self.host, self.config.swarm, self.config.dht_record_max_age_s)
+        self.dht = build_dht(self.host, self.config.swarm, self.validator)
         async with background_trio_service(self.dht), trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
@@ -185,6 +200,9 @@ class Node:
         )
 
     def _make_group(self) -> AllReduceGroup:
+        from node.collective import AllReduceGroup, GroupSettings, NetTransport
+        from protocols.allreduce import AllReduceSettings
+
         c = self.config
         assert self._nursery is not None
         transport = NetTransport(
@@ -321,6 +339,7 @@ class Node:
 
     def _forget(self, peer_id: str) -> None:
         self.liveness.pop(peer_id, None)
+        self._dht_react(self.direct_dht.on_peer_lost(peer_id))
         if self.group is not None:
             self.group.on_peer_lost(peer_id)
         self.bulk.close(peer_id)
@@ -368,6 +387,9 @@ class Node:
         if kind.startswith("bulk."):
             self.bulk.on_message(sender, message)
             return
+        if kind.startswith("dht."):
+            self._dht_react(self.direct_dht.on_message(sender, message, time.monotonic()))
+            return
         reaction = self.membership.on_message(sender, message, time.time())
         for reason in reaction.rejected:
             self.rejected_messages += 1
@@ -395,29 +417,106 @@ class Node:
     # ------------------------------------------------------------------ DHT
 
     async def _dht_loop(self) -> None:
+        """Keep this node's record at the members closest to its key: whenever that set
+        changes (members come and go) and every ``dht_republish_s``; Kademlia too."""
+        key = presence_key(self.peer_id)
+        stored_at: list[str] = []
+        direct_at = kademlia_at = -math.inf
         while True:
-            if self.membership.table.others():
-                try:
-                    with trio.fail_after(self.config.dht_republish_s):
-                        await self.publish_to_dht()
-                except Exception as exc:
-                    log.debug("DHT publish of own record failed: %s", exc)
-            await trio.sleep(self.config.dht_republish_s)
+            members = self.membership.table.peer_ids()
+            now = time.monotonic()
+            if len(members) > 1:
+                targets = closest(key, members, self.config.dht_replication)
+                if targets != stored_at or now - direct_at >= self.config.dht_republish_s:
+                    stored_at, direct_at = targets, now
+                    await self.publish_to_dht()
+                if now - kademlia_at >= self.config.dht_republish_s:
+                    kademlia_at = now
+                    self._nursery_start(self._publish_to_kademlia_quietly)
+            await trio.sleep(self.config.heartbeat_s)
 
-    async def publish_to_dht(self) -> None:
-        """Store this node's current signed record at the DHT nodes closest to its key."""
+    async def _publish_to_kademlia_quietly(self) -> None:
+        try:
+            with trio.fail_after(self.config.dht_republish_s):
+                await self.publish_to_kademlia()
+        except Exception as exc:
+            log.debug("Kademlia publish of own record failed: %s", exc)
+
+    def _nursery_start(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    def _own_wire_record(self) -> bytes | None:
         member = self.membership.table.get(self.peer_id)
-        if member is not None:
-            await self.dht.put_value(presence_key(self.peer_id), msgpack.packb(member.wire))
+        return None if member is None else bytes(msgpack.packb(member.wire))
 
-    async def lookup(self, peer_id: str) -> PresenceRecord | None:
-        """A member's current record from the DHT (for a peer known only by its id)."""
-        # quorum=1: the first valid signed record ends the walk (py-libp2p otherwise queries
-        # every candidate); records carry their own sequence number, so a stale one is visible.
-        value = await self.dht.get_value(presence_key(peer_id), quorum=1)
+    async def publish_to_dht(self) -> int:
+        """Store this node's signed record at the members closest to its key (one hop, see
+        :mod:`protocols.dht_direct`); return how many stored it."""
+        value = self._own_wire_record()
         if value is None:
-            return None
-        return decode_record(msgpack.unpackb(value, raw=False), self.config.swarm)
+            return 0
+        done = await self._direct_request(
+            lambda now: self.direct_dht.put(
+                presence_key(self.peer_id), value, self.membership.table.peer_ids(), now
+            )
+        )
+        return done.stored
+
+    async def publish_to_kademlia(self) -> None:
+        """Store this node's record in the Kademlia DHT too (reaches peers outside the view)."""
+        value = self._own_wire_record()
+        if value is not None:
+            await self.dht.put_value(presence_key(self.peer_id), value)
+
+    async def lookup(self, peer_id: str, via: str = "any") -> tuple[PresenceRecord | None, str]:
+        """A member's current record and where it came from (``local``, ``direct`` or
+        ``kademlia``): the one-hop DHT first, then Kademlia's walk (``via`` picks one)."""
+        key = presence_key(peer_id)
+        value: bytes | None = None
+        path = "kademlia"
+        if via in ("any", "direct"):
+            done = await self._direct_request(
+                lambda now: self.direct_dht.get(key, self.membership.table.peer_ids(), now)
+            )
+            value = done.value
+            path = "local" if done.answered_by == self.peer_id else "direct"
+        if value is None and via in ("any", "kademlia"):
+            # quorum=1: the first valid signed record ends the walk (py-libp2p otherwise queries
+            # every candidate); records carry their own sequence number, so a stale one shows.
+            value = await self.dht.get_value(key, quorum=1)
+            path = "kademlia"
+        if value is None:
+            return None, path
+        return decode_record(msgpack.unpackb(value, raw=False), self.config.swarm), path
+
+    async def _direct_request(self, start: Callable[[float], tuple[int, DHTReaction]]) -> Done:
+        """Run one one-hop DHT request to its end (answers or ``dht_query_timeout_s``)."""
+        request_id, reaction = start(time.monotonic())
+        event, box = trio.Event(), list[Done]()
+        self._dht_waiters[request_id] = (event, box)
+        try:
+            self._dht_react(reaction)
+            with trio.move_on_after(self.config.dht_query_timeout_s):
+                await event.wait()
+            if not box:
+                reason = f"no answer within {self.config.dht_query_timeout_s} s"
+                self._dht_react(self.direct_dht.give_up(request_id, reason))
+            return box[0]
+        finally:
+            self._dht_waiters.pop(request_id, None)
+
+    def _dht_react(self, reaction: DHTReaction) -> None:
+        for reason in reaction.rejected:
+            self.rejected_dht += 1
+            log.warning("DHT: %s", reason)
+        for peer_id, message in reaction.sends:
+            self._send(peer_id, message)
+        for done in reaction.done:
+            waiter = self._dht_waiters.get(done.request_id)
+            if waiter is not None:
+                waiter[1].append(done)
+                waiter[0].set()
 
     # ------------------------------------------------------------------ control API
 
@@ -433,17 +532,24 @@ class Node:
             self.request_stop()
             return {"stopping": True}
         if cmd == "dht_get":
+            via = str(request.get("via", "any"))
+            if via not in ("any", "direct", "kademlia"):
+                raise ControlError("dht_get: via must be one of any, direct, kademlia")
             started = time.perf_counter()
-            record = await self.lookup(str(request.get("peer_id", "")))
+            record, path = await self.lookup(str(request.get("peer_id", "")), via)
             elapsed_ms = (time.perf_counter() - started) * 1000
             found = (
                 None if record is None else {"peer_id": record.peer_id, "addrs": list(record.addrs)}
             )
-            return {"record": found, "elapsed_ms": elapsed_ms}
+            return {"record": found, "elapsed_ms": elapsed_ms, "path": path}
         if cmd == "dht_put":
             started = time.perf_counter()
-            await self.publish_to_dht()
-            return {"elapsed_ms": (time.perf_counter() - started) * 1000}
+            stored = await self.publish_to_dht()
+            direct_ms = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            await self.publish_to_kademlia()
+            kad_ms = (time.perf_counter() - started) * 1000
+            return {"elapsed_ms": direct_ms, "stored": stored, "kademlia_elapsed_ms": kad_ms}
         raise ControlError(
             f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get, dht_put"
         )
@@ -486,7 +592,11 @@ class Node:
             "peers": peers,
             "bytes_in": WIRE.bytes_in,
             "bytes_out": WIRE.bytes_out,
-            "rejected": {"messages": self.rejected_messages, "frames": self.links.rejected_frames},
+            "rejected": {
+                "messages": self.rejected_messages,
+                "frames": self.links.rejected_frames,
+                "dht": self.rejected_dht,
+            },
             "training": self.training,
             "allreduce": None if self.group is None else self.group.status(),
         }

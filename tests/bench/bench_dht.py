@@ -1,10 +1,12 @@
 """DHT and membership at scale: N real `shoal start` processes on loopback.
 
 Measures, in one run: time from `shoal start` to "ready" and to a full member view, DHT put/get
-success and latency (timed inside the daemon, so the control socket is not counted), idle CPU
-and RSS per node. The reference is hivemind's published DHT benchmark (1024 peers on one
-machine: 100% success, mean get 6.6 ms, mean store 14.9 ms); hivemind itself cannot be
-installed here (its p2pd binary is fetched at install time), so its figures are quoted.
+success and latency (timed inside the daemon, so the control socket is not counted) both for
+the node's lookup (one hop to the members closest to the key, ``protocols.dht_direct``) and for
+py-libp2p's Kademlia walk alone, idle CPU and RSS per node. The reference is hivemind's
+published DHT benchmark (1024 peers on one machine: 100% success, mean get 6.6 ms, mean
+store 14.9 ms); hivemind itself cannot be installed here (its p2pd binary is fetched at
+install time), so its figures are quoted.
 
     python tests/bench/bench_dht.py            # 30 nodes
     BENCH_NODES=40 python tests/bench/bench_dht.py
@@ -75,15 +77,25 @@ def main() -> None:
         wait_until(lambda: all(n.status()["swarm_size"] == NODES for n in nodes), 120, "all views")
         print(f"all {NODES} nodes see {NODES} members", flush=True)
 
-        put_ms = [n.control("dht_put", timeout_s=60)["elapsed_ms"] for n in nodes]
+        puts = [n.control("dht_put", timeout_s=60) for n in nodes]
+        put_ms = [p["elapsed_ms"] for p in puts]
+        kad_put_ms = [p["kademlia_elapsed_ms"] for p in puts]
         get_ms: list[float] = []
-        ok = 0
+        kad_get_ms: list[float] = []
+        paths: dict[str, int] = {}
+        ok = kad_ok = 0
         for _ in range(GETS):
             reader, target = rng.sample(nodes, 2)
-            answer = reader.control("dht_get", timeout_s=60, peer_id=target.peer_id)
-            get_ms.append(answer["elapsed_ms"])
-            record = answer["record"]
-            ok += bool(record and record["peer_id"] == target.peer_id)
+            for via, times in (("any", get_ms), ("kademlia", kad_get_ms)):
+                answer = reader.control("dht_get", timeout_s=60, peer_id=target.peer_id, via=via)
+                times.append(answer["elapsed_ms"])
+                record = answer["record"]
+                found = bool(record and record["peer_id"] == target.peer_id)
+                if via == "any":
+                    ok += found
+                    paths[answer["path"]] = paths.get(answer["path"], 0) + 1
+                else:
+                    kad_ok += found
 
         time.sleep(5)  # let the put/get traffic drain before the idle window
         before = {n.proc.pid: cpu_seconds(n.proc.pid) for n in nodes if n.proc}
@@ -103,8 +115,14 @@ def main() -> None:
         "get_ms_median": round(statistics.median(get_ms), 2),
         "get_ms_p95": round(percentile(get_ms, 0.95), 2),
         "get_ms_mean": round(statistics.fmean(get_ms), 2),
+        "get_paths": paths,
         "put_ms_median": round(statistics.median(put_ms), 2),
         "put_ms_p95": round(percentile(put_ms, 0.95), 2),
+        "put_ms_mean": round(statistics.fmean(put_ms), 2),
+        "kademlia_get_success": kad_ok / GETS,
+        "kademlia_get_ms_median": round(statistics.median(kad_get_ms), 2),
+        "kademlia_get_ms_mean": round(statistics.fmean(kad_get_ms), 2),
+        "kademlia_put_ms_median": round(statistics.median(kad_put_ms), 2),
         "ready_s_median": round(statistics.median(ready_s), 2),
         "join_s_median": round(statistics.median(view_s), 2),
         "join_s_p95": round(percentile(view_s, 0.95), 2),
@@ -120,7 +138,11 @@ def main() -> None:
     print(f"{'get success':24}{result['get_success']:>12.3f}{HIVEMIND['get_success']:>24.3f}")
     print(f"{'get ms mean':24}{result['get_ms_mean']:>12}{HIVEMIND['get_ms_mean']:>24}")
     print(f"{'get ms median / p95':24}{result['get_ms_median']:>6} / {result['get_ms_p95']:<6}")
-    print(f"{'put ms median':24}{result['put_ms_median']:>12}{HIVEMIND['store_ms_mean']:>24}")
+    print(f"{'put ms mean':24}{result['put_ms_mean']:>12}{HIVEMIND['store_ms_mean']:>24}")
+    print(
+        f"{'kademlia walk get/put ms':24}{result['kademlia_get_ms_mean']:>6} / "
+        f"{result['kademlia_put_ms_median']:<6} (py-libp2p iterative lookup, same run)"
+    )
     print(
         f"{'ready s / full view s':24}{result['ready_s_median']:>6} / {result['join_s_median']:<6}"
     )

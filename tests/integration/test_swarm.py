@@ -51,13 +51,17 @@ def test_six_nodes_through_one_bootstrap_see_each_other_directly(tmp_path: Path)
             for peer in status["peers"]:
                 assert set(peer) >= {"peer_id", "addrs", "connection", "rtt_ms", "last_seen_s"}
 
-        # The swarm's DHT finds any member's signed record by peer id alone.
+        # The swarm's DHT finds any member's signed record by peer id alone: in one hop from
+        # the members closest to its key, and through Kademlia's walk as well.
         for node in nodes:
-            node.control("dht_put", timeout_s=30)
+            assert node.control("dht_put", timeout_s=30)["stored"] == 3  # dht_replication
         for reader, target in zip(nodes, nodes[3:] + nodes[:3], strict=True):
-            found = reader.control("dht_get", timeout_s=30, peer_id=target.peer_id)["record"]
-            assert found is not None and found["peer_id"] == target.peer_id
-            assert target.join_addr.split("/p2p/")[0] in found["addrs"]
+            for via, paths in (("any", {"local", "direct"}), ("kademlia", {"kademlia"})):
+                answer = reader.control("dht_get", timeout_s=30, peer_id=target.peer_id, via=via)
+                found = answer["record"]
+                assert answer["path"] in paths
+                assert found is not None and found["peer_id"] == target.peer_id
+                assert target.join_addr.split("/p2p/")[0] in found["addrs"]
 
 
 def test_killed_members_vanish_and_swarm_outlives_its_bootstrap(tmp_path: Path) -> None:
