@@ -259,11 +259,13 @@ class AllReduceGroup:
                 return []
             await trio.sleep(self.settings.group_poll_s)
 
-    async def _sync_state(self, members: list[str], round_index: int) -> None:
+    async def _sync_state(
+        self, members: list[str], round_index: int, newcomer: bool = True
+    ) -> None:
         assert self.sync is not None
         others = [m for m in members if m != self.me]
         try:
-            self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=True)
+            self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=newcomer)
         except (SharedStateError, trio.TooSlowError, TransportError) as exc:
             log.warning("shared-state sync failed: %s", exc)
         self.sync.mark_round(round_index)
@@ -352,10 +354,19 @@ class AllReduceGroup:
             self.sync.mark_round(self.runner.machine.round)
             if isinstance(result.outcome, Skipped):
                 skipped_in_a_row += 1
+                if self.runner.machine.left_behind_at is not None:
+                    return  # the group went on without this member: join it again
                 if skipped_in_a_row >= self.settings.rejoin_after_skips and any(
                     phase == "member" for phase in self.peers().values()
                 ):
                     return
+                # The others may have completed the round without this member (an admitted
+                # joiner still fetching, a member excluded as late): vote again and fetch what
+                # moved; a member whose state agrees moves no bytes.
+                machine = self.runner.machine
+                await self._sync_state(
+                    sorted(machine.view - machine.lost), machine.round, newcomer=False
+                )
                 await trio.sleep(self.settings.skip_backoff_s)
             else:
                 skipped_in_a_row = 0

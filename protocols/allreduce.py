@@ -524,6 +524,9 @@ class AllReduceMember:
         self._deadlines: dict[str, float] = {}
         self._aborted: set[tuple[int, int]] = set()
         self._skip_round: tuple[int, str] | None = None
+        # The highest round a member was seen beginning while this one was at least two rounds
+        # behind: the group went on without it, so its driver should join again (and resync).
+        self.left_behind_at: int | None = None
         self._last_completed: Completed | None = None
         self._future_readies: dict[str, float] = {}
         self._proposal: Proposal | None = None
@@ -729,7 +732,18 @@ class AllReduceMember:
             self.counters.stale += 1
             return [self._send(sender, Excluded(ready.round, "that round is already over"))]
         if ready.round > self.round:
-            return self._reject(sender, f"ready for round {ready.round}, this is {self.round}")
+            if sender not in self.view:
+                return self._reject(sender, f"ready for round {ready.round}, this is {self.round}")
+            # A member already two rounds on: those rounds ran without this member.
+            self.left_behind_at = max(self.left_behind_at or 0, ready.round)
+            reason = f"left behind: {sender} is at round {ready.round}, this is {self.round}"
+            if self.phase is Phase.IDLE:
+                self._skip_round = (self.round, reason)
+                return []
+            if self.phase in (Phase.GATHERING, Phase.RETRY):
+                return self._skip(reason)
+            self.counters.stale += 1
+            return []
         if self._proposal is None:
             self._readies[sender] = ready.weight
             return self._maybe_propose(now) if self.phase is Phase.GATHERING else []

@@ -349,8 +349,21 @@ class RoundRunner:
             self._inbox_send.send_nowait(report)
 
     async def _send_frames(self, frames: trio.MemoryReceiveChannel[Any]) -> None:
+        """Send the ring's frames in order. A send that has begun is finished even when the
+        attempt is aborted meanwhile: cut mid-transfer, it would break the bulk channel to a
+        healthy peer (who discards the aborted attempt's frames anyway) and so fail the retry
+        too. Only a send that makes no progress for ``io_timeout_s`` is cut."""
         async for frame in frames:
-            await self.transport.send_tensor(frame.to, frame.tag, frame.data)
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.settings.io_timeout_s) as limit,
+            ):
+                await self.transport.send_tensor(frame.to, frame.tag, frame.data)
+            if limit.cancelled_caught:
+                reason = (
+                    f"send of {frame.tag} stalled for io_timeout_s={self.settings.io_timeout_s}"
+                )
+                raise TransportError(frame.to, reason)
 
 
 # -- shared-state fetch over the same transport ----------------------------------------------------

@@ -89,7 +89,6 @@ def check_survivors_finish_exactly(survivors: list[Daemon], interrupted: int) ->
         60,
         f"the survivors to complete round {interrupted}",
     )
-    entries = [completed(d)[interrupted] for d in survivors]
     for d in survivors:  # shown when an assertion below fails
         print(
             d.peer_id[-6:],
@@ -104,6 +103,9 @@ def check_survivors_finish_exactly(survivors: list[Daemon], interrupted: int) ->
                 for e in history(d)[-4:]
             ],
         )
+    missing = [d.peer_id for d in survivors if interrupted not in completed(d)]
+    assert not missing, f"round {interrupted} not completed by {missing}"
+    entries = [completed(d)[interrupted] for d in survivors]
     assert [sorted(e["members"]) for e in entries] == [ids] * len(survivors)
     # bit parity: one hash everywhere, and it is the exact weighted mean of the survivors
     assert len({e["hash"] for e in entries}) == 1
@@ -148,6 +150,8 @@ def test_joiner_is_admitted_between_rounds_and_receives_the_shared_state(tmp_pat
         # it joined between rounds: its history starts with a complete round of everyone
         assert min(completed(late)) == first
         entries = [completed(d)[first] for d in [*nodes, late]]
+        for d in [*nodes, late]:  # shown when an assertion below fails
+            print(d.peer_id[-6:], d.status()["allreduce"]["state"], history(d)[-6:])
         assert len({e["hash"] for e in entries}) == 1
         assert len({e["state"] for e in entries}) == 1  # same shared state after the round
         assert entries[0]["hash"] == hash_tensor(expected_mean(everyone, first, ELEMS))

@@ -538,3 +538,26 @@ def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
     abort = {"t": "ar.abort", "v": 1, "g": "g", "round": 0, "attempt": 1, "reason": "rival"}
     assert g.machines["p1"].on_message("p2", {**abort, "suspects": ["p0"]}, g.now) == []
     assert g.machines["p1"].phase is Phase.TRANSFER
+
+
+def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
+    g = Group(peers(3))
+    m = g.machines["p2"]
+    ready = {"t": "ar.ready", "v": 1, "g": "g", "weight": 1.0}
+    # one round ahead is normal (a fast member begins the next round): kept, not a skip
+    assert m.on_message("p0", {**ready, "round": 1}, g.now) == []
+    assert m.left_behind_at is None
+    # two rounds ahead: the group ran a round without p2, so p2's round is skipped
+    g.feed("p2", m.begin(g.now, 1.0, SPEC))
+    [skipped] = m.on_message("p0", {**ready, "round": 2}, g.now)
+    assert isinstance(skipped, Skipped) and "left behind" in skipped.reason
+    assert m.left_behind_at == 2 and m.round == 1
+    # idle when the news comes: the next round is skipped at once when it begins
+    assert m.on_message("p1", {**ready, "round": 4}, g.now) == []
+    assert m.phase is Phase.IDLE
+    [skipped] = [e for e in m.begin(g.now, 1.0, SPEC) if isinstance(e, Skipped)]
+    assert "p1 is at round 4" in skipped.reason
+    # a non-member's word is not evidence
+    outsider = AllReduceMember("q", "g", ["q"], SETTINGS)
+    [rejected] = outsider.on_message("p0", {**ready, "round": 9}, g.now)
+    assert isinstance(rejected, Rejected) and outsider.left_behind_at is None
