@@ -65,6 +65,27 @@ class NodeConfig:
     allreduce_accept_timeout_s: float = 5.0
     allreduce_coordinator_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
+    train: str = "none"
+    # Shared-seed zeroth-order training (train = "zo"); see node/zo_mode.py and README.
+    zo_model: str = "micro"
+    zo_model_seed: int = 0
+    zo_context_tokens: int = 32
+    zo_batch_size: int = 8
+    zo_corpus_bytes: int = 1 << 20
+    zo_lr: float = 1e-3
+    zo_eps: float = 1e-3
+    zo_samples_per_step: int = 1
+    zo_hash_every_steps: int = 10
+    zo_fedkseed_k: int = 0
+    zo_seed_sampling: str = "uniform"
+    zo_min_members: int = 1
+    zo_join_wait_s: float = 3.0
+    zo_step_timeout_s: float = 5.0
+    zo_close_timeout_s: float = 10.0
+    zo_anti_entropy_s: float = 1.0
+    zo_tick_s: float = 0.1
+    zo_torch_threads: int = 1
+    zo_fault: str = "none"
 
     @property
     def socket_path(self) -> Path:
@@ -105,6 +126,17 @@ def _positive_int(value: Any) -> int:
     if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
         raise ValueError
     return number
+
+
+def _count(value: Any) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    return _positive_seconds(value)
 
 
 def _port(value: Any) -> int:
@@ -209,6 +241,29 @@ KEYS: dict[str, Key] = {
     "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
+    "train": Key(_choice("none", "diloco", "zo"), "one of: none, diloco, zo"),
+    "zo_model": Key(_choice("micro", "tiny", "small"), "one of: micro, tiny, small"),
+    "zo_model_seed": Key(_count, "an integer >= 0 (theta_0's seed; the same on every node)"),
+    "zo_context_tokens": Key(_positive_int, "a positive number of tokens"),
+    "zo_batch_size": Key(_positive_int, "a positive number of sequences per SPSA sample"),
+    "zo_corpus_bytes": Key(_positive_int, "a positive number of bytes of training text"),
+    "zo_lr": Key(_positive_float, "a positive learning rate"),
+    "zo_eps": Key(_positive_float, "a positive perturbation size"),
+    "zo_samples_per_step": Key(_positive_int, "a number of SPSA samples per node-step, 1-255"),
+    "zo_hash_every_steps": Key(_positive_int, "a positive number of steps between hash checks"),
+    "zo_fedkseed_k": Key(_count, "0 (off) or the number K of FedKSeed candidate seeds"),
+    "zo_seed_sampling": Key(_choice("uniform", "weighted"), "one of: uniform, weighted"),
+    "zo_min_members": Key(_positive_int, "a positive number of members before step 0"),
+    "zo_join_wait_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_step_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_close_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_anti_entropy_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_tick_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_torch_threads": Key(_positive_int, "a positive number of torch CPU threads"),
+    "zo_fault": Key(
+        _choice("none", "bad_records", "outsider"),
+        "one of: none, bad_records, outsider (fault injection for tests)",
+    ),
 }
 
 
@@ -270,6 +325,8 @@ def load_config(
             values[key] = _parse(key, value, f"from flag --{key.replace('_', '-')}")
 
     config = NodeConfig(home=home, **values)
+    if not 1 <= config.zo_samples_per_step <= 255:
+        raise ConfigError(f"zo_samples_per_step must be 1-255, got {config.zo_samples_per_step}")
     if config.record_ttl_s < 2 * config.heartbeat_s:
         raise ConfigError(
             f"record_ttl_s ({config.record_ttl_s}) must be at least twice heartbeat_s "

@@ -49,6 +49,7 @@ from protocols.presence import PresenceRecord, Signer, decode_record
 
 if TYPE_CHECKING:  # torch (~190 MB of RSS) is imported only by nodes that run a workload
     from node.collective import AllReduceGroup
+    from node.zo_mode import ZOMode
 
 log = logging.getLogger("shoal.node")
 
@@ -94,6 +95,7 @@ class Node:
         self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
+        self.zo: ZOMode | None = None
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -169,6 +171,11 @@ class Node:
             if self.config.allreduce_workload != "none":
                 self.group = self._make_group()
                 nursery.start_soon(self.group.run)
+            if self.config.train == "zo":
+                from node.zo_mode import ZOMode
+
+                self.zo = ZOMode(self)
+                nursery.start_soon(self.zo.run)
             log.info("node %s ready in swarm %r at %s", self.peer_id, self.config.swarm, self.addrs)
             if self.on_ready is not None:
                 self.on_ready(self)
@@ -342,6 +349,8 @@ class Node:
         self._dht_react(self.direct_dht.on_peer_lost(peer_id))
         if self.group is not None:
             self.group.on_peer_lost(peer_id)
+        if self.zo is not None:
+            self.zo.on_peer_lost(peer_id)
         self.bulk.close(peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self.links.forget, peer_id)
@@ -378,6 +387,9 @@ class Node:
         kind = message["t"]
         # The all-reduce machine checks senders itself (a joiner is not a group member yet, and
         # its ar.join may outrun its presence record); every control link is Noise-authenticated.
+        if self.zo is not None and kind.startswith(("zo.", "ss.")) and self.group is None:
+            await self.zo.on_control(sender, message)
+            return
         if kind.startswith(("ar.", "ss.")):
             if self.group is not None:
                 self.group.on_control(sender, message)
@@ -597,7 +609,7 @@ class Node:
                 "frames": self.links.rejected_frames,
                 "dht": self.rejected_dht,
             },
-            "training": self.training,
+            "training": self.zo.status() if self.zo is not None else self.training,
             "allreduce": None if self.group is None else self.group.status(),
         }
 
