@@ -242,7 +242,7 @@ KEYS: dict[str, Key] = {
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
     "train": Key(_choice("none", "diloco", "zo"), "one of: none, diloco, zo"),
-    "zo_model": Key(_choice("micro", "tiny", "small"), "one of: micro, tiny, small"),
+    "zo_model": Key(_choice("nano", "micro", "tiny", "small"), "one of: nano, micro, tiny, small"),
     "zo_model_seed": Key(_count, "an integer >= 0 (theta_0's seed; the same on every node)"),
     "zo_context_tokens": Key(_positive_int, "a positive number of tokens"),
     "zo_batch_size": Key(_positive_int, "a positive number of sequences per SPSA sample"),

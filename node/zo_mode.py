@@ -59,7 +59,12 @@ FAULT_EVERY_STEPS = 10
 
 
 def zo_model_config(name: str, context_tokens: int) -> ModelConfig:
-    """``micro`` (~0.1M parameters, for tests) or a registered size of :mod:`trainer.model`."""
+    """``nano`` (~25k parameters) and ``micro`` (~0.1M), for tests, or a registered size of
+    :mod:`trainer.model`."""
+    if name == "nano":
+        return ModelConfig(
+            context_tokens=context_tokens, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64
+        )
     if name == "micro":
         return ModelConfig(
             context_tokens=context_tokens, d_model=64, n_layers=2, n_heads=2, mlp_hidden=128
@@ -251,7 +256,6 @@ class ZOMode:
         now = time.monotonic()
         self.machine = ZOLog(self.me, self.log_settings, self.genesis, 0, None, now)
         log.info("joining ZO run through %s: replaying the log", contacts)
-        await self._handle(self.machine.request_join(now, contacts))
         await self._handle(self.machine.fetch_from(contacts[0]))
 
     def _reset_to_snapshot(self) -> None:

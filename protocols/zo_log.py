@@ -308,12 +308,15 @@ class ZOLog:
         self.joining = members is None
         self.join_sent_at: float | None = None
         self.closes_sent = 0
+        self.late_records = 0
         self.fetches = 0
         self._apply_pending = False
         self._now = now
         self._behind_at: int | None = None
         self._fetch: tuple[int, str] | None = None
         self._fetch_at = -1e9
+        self._donor: str | None = None
+        self._catch_up_steps = 0
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -383,8 +386,18 @@ class ZOLog:
         if self.is_member and self.applied == self.open.step and not self.open.sent_own:
             events.append(Produce(self.open.step))
         if self.joining and self.applied == self.next_close:
-            events += self.request_join(now)
+            events += self._catch_up(now)
         return events
+
+    def _catch_up(self, now: float) -> list[Event]:
+        """A joiner that applied all it has: fetch again while far behind, else ask to join
+        (it then follows the live closes until the coordinator admits it)."""
+        if self.join_sent_at is not None or self._donor is None:
+            return self.request_join(now)
+        if self._catch_up_steps > self.settings.max_future_steps:
+            self._catch_up_steps = 0
+            return self.fetch_from(self._donor)
+        return self.request_join(now)
 
     def on_peer_lost(self, peer: str, now: float) -> list[Event]:
         self.followers.discard(peer)
@@ -478,19 +491,20 @@ class ZOLog:
             )
         if len(codes) != samples or any(b == 0x80 for b in codes):
             return self._reject(sender, f"zo.r for step {step} needs {samples} codes in -127..127")
+        known = set(self.members or ()) | set(self.pending_joiners) | self.followers
+        if sender not in known:
+            return self._reject(sender, f"{sender} is not a member of the ZO group (step {step})")
         if step < self.open.step:
-            return []  # late for a closed step: the close did without it (counted as excluded)
+            self.late_records += 1  # the close of that step did without them
+            return []
         if step > self.open.step + self.settings.max_future_steps:
             return self._reject(
                 sender,
                 f"far-future step {step}: this node is at step {self.open.step} "
                 f"(at most {self.settings.max_future_steps} ahead)",
             )
-        members = set(self.members or ()) | set(self.pending_joiners) | self.followers
         if step == self.open.step and (self.members is None or sender not in self.members):
             return self._reject(sender, f"{sender} is not a member of step {step}")
-        if step > self.open.step and sender not in members:
-            return self._reject(sender, f"{sender} is not a member of the swarm's ZO group")
         entry = (codes, state_hash or b"")
         if step == self.open.step:
             previous = self.open.records.get(sender)
@@ -740,11 +754,14 @@ class ZOLog:
             return []
         stop = min(self.next_close, start + self.settings.max_log_steps_per_reply)
         steps = [self.log[s] for s in range(start, stop)]
-        return [Send(sender, encode_log(steps, self.chain[start - 1]))]
+        return [Send(sender, encode_log(steps, self.chain[start - 1]) | {"h": self.next_close - 1})]
 
     def _on_log(self, sender: str, msg: Mapping[str, Any], now: float) -> list[Event]:
         self._now = now
         previous, steps = decode_log(msg, self.settings.samples_per_step)
+        if _is_count(msg.get("h")):  # a reply to zo.want: the donor's head
+            self._donor = sender
+            self._catch_up_steps = msg["h"] + 1 - self.next_close
         events: list[Event] = []
         prev = previous
         for closed in steps:
@@ -769,8 +786,8 @@ class ZOLog:
                     f"digest of step {closed.step - 1}",
                 )
             events += self._take_verified(closed, sender)
-        if msg.get("live") and self.joining:
-            events += self.request_join(now, [sender]) if self.applied == self.next_close else []
+        if msg.get("live") and self.joining and self.applied == self.next_close:
+            events += self.request_join(now, [sender])
         return events
 
     def _take_verified(self, closed: ClosedStep, sender: str | None) -> list[Event]:

@@ -202,7 +202,7 @@ def test_a_late_joiner_replays_the_log_and_reaches_the_same_state() -> None:
     sim = Sim(["a", "b"])
     sim.run(sim.all_at(25))
     sim.add("z")
-    sim.handle("z", sim.nodes["z"].request_join(sim.now, ["a", "b"]))
+    sim.handle("z", sim.nodes["z"].fetch_from("b"))
     sim.run(lambda: "z" in (sim.nodes["a"].members or ()) and sim.all_at(40)())
     assert_identical(sim, 40)
     assert sim.nodes["z"].parity_checks_passed >= 4  # checked its replay against the log too
