@@ -292,6 +292,29 @@ def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     return text
 
 
+def _training_line(training: dict[str, Any] | None) -> str:
+    if not training:
+        return "-"
+    if training.get("mode") != "zo":
+        return json.dumps(training)
+    loss = training.get("loss")
+    join = training.get("join") or {}
+    text = (
+        f"zo {training['phase']} step {training['step']}, loss "
+        f"{'-' if loss is None else f'{loss:.4f}'}, {training['records_per_step'] or 0} records "
+        f"and {training['bytes_per_step'] or 0} B sent per step, {len(training['members'])} "
+        f"members, parity checks {training['parity_checks_passed']} passed "
+        f"{training['parity_checks_failed']} failed, {training['rejected']} rejected"
+    )
+    if join.get("done"):
+        text += (
+            f"; joined by replay of {join['steps_replayed']} steps in "
+            f"{_bytes(join['snapshot_bytes'] + join['log_bytes'])} "
+            f"(full state {_bytes(join['full_state_bytes'])})"
+        )
+    return text
+
+
 def format_status(status: dict[str, Any]) -> str:
     training = status.get("training")
     allreduce = status.get("allreduce")
@@ -301,7 +324,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"swarm     {status['swarm']}: {status['swarm_size']} members, "
         f"reachability {status['reachability']}",
         f"traffic   in {_bytes(status['bytes_in'])}, out {_bytes(status['bytes_out'])}",
-        f"training  {json.dumps(training) if training else '-'}",
+        f"training  {_training_line(training)}",
         f"allreduce {_allreduce_line(allreduce)}",
     ]
     lines += [f"address   {a}" for a in status["addrs"]]
