@@ -83,6 +83,7 @@ class NodeConfig:
     zo_step_timeout_s: float = 5.0
     zo_close_timeout_s: float = 10.0
     zo_anti_entropy_s: float = 1.0
+    zo_repair_wait_s: float = 0.5
     zo_tick_s: float = 0.1
     zo_torch_threads: int = 1
     zo_fault: str = "none"
@@ -258,6 +259,7 @@ KEYS: dict[str, Key] = {
     "zo_step_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_close_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_anti_entropy_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_repair_wait_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_tick_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_torch_threads": Key(_positive_int, "a positive number of torch CPU threads"),
     "zo_fault": Key(

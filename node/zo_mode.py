@@ -85,6 +85,7 @@ class ZOMode:
             close_timeout_s=c.zo_close_timeout_s,
             hash_every_steps=c.zo_hash_every_steps,
             anti_entropy_s=c.zo_anti_entropy_s,
+            repair_wait_s=c.zo_repair_wait_s,
             min_members=c.zo_min_members,
         )
         self.zo_settings = ZOSettings(

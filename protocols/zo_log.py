@@ -61,6 +61,7 @@ class ZOLogSettings:
     max_future_steps: int = 8  # records/closes further ahead than this are rejected
     hash_every_steps: int = 10  # K: state hashes ride on the records of steps t with t % K == 0
     anti_entropy_s: float = 1.0  # how often a member sends its log digest to the others
+    repair_wait_s: float = 0.5  # wait this long for records a held close needs, then fetch
     max_log_steps_per_reply: int = 512
     min_members: int = 1  # the founder waits for this many members before step 0
     max_rejections_kept: int = 100
@@ -265,6 +266,8 @@ class _Open:
     sent_own: bool = False
     waiting_since: float | None = None  # member: when it began waiting for the close
     promises: dict[str, ClosedStep | None] | None = None  # coordinator taking over
+    close: tuple[str, tuple[str, ...], tuple[str, ...], bytes] | None = None  # held close
+    close_at: float = 0.0
 
 
 class ZOLog:
@@ -422,6 +425,9 @@ class ZOLog:
         ):
             events += self._next_attempt(now)
         events += self._maybe_close(now)
+        if o.close is not None and now - o.close_at > self.settings.repair_wait_s:
+            self.announced[o.step] = o.close[3]
+            events += self.fetch_from(o.close[0])
         if self.is_member and now - self.last_anti_entropy >= self.settings.anti_entropy_s:
             self.last_anti_entropy = now
             last, digest = self.head()
@@ -513,7 +519,7 @@ class ZOLog:
             self.open.records[sender] = codes
             if state_hash is not None:
                 self.open.hashes[sender] = state_hash
-            return self._maybe_close(now)
+            return self._maybe_close(now) + self._try_close_from_records()
         slot = self.buffered.setdefault(step, {})
         if sender in slot:
             return self._reject(sender, f"flood: a second record set for step {step}")
@@ -674,25 +680,33 @@ class ZOLog:
         members = self.members
         if inc >> len(members):
             return self._reject(sender, "zo.close bitmap outside the members of the step")
-        included = _from_bitmap(members, inc)
-        check = step % self.settings.hash_every_steps == 0 and step > self.base_step
+        self.open.close = (sender, _from_bitmap(members, inc), tuple(sorted(joiners)), digest)
+        self.open.close_at = now
+        return self._try_close_from_records()
+
+    def _try_close_from_records(self) -> list[Event]:
+        """Take the close we hold for the open step if our records reproduce its digest.
+
+        Records travel on other links than the close, so they may still be on their way: the
+        step is fetched only after ``repair_wait_s`` (see :meth:`on_tick`).
+        """
         o = self.open
-        if all(p in o.records for p in included):
-            hashes = {p: o.hashes[p] for p in included if p in o.hashes} if check else {}
-            if check and set(hashes) != set(included):
-                hashes = {}
-            closed = ClosedStep(
-                step,
-                members,
-                included,
-                {p: o.records[p] for p in included},
-                hashes,
-                tuple(sorted(joiners)),
-            )
-            if closed.digest(self.chain[step - 1]) == digest:
-                return self._accept(closed, digest)
-        # We lack or hold different records: fetch the step as the coordinator closed it.
-        self.announced[step] = digest
+        if o.close is None or self.members is None:
+            return []
+        sender, included, joiners, digest = o.close
+        if not all(p in o.records for p in included):
+            return []
+        check = o.step % self.settings.hash_every_steps == 0 and o.step > self.base_step
+        hashes = {p: o.hashes[p] for p in included if p in o.hashes} if check else {}
+        if check and set(hashes) != set(included):
+            hashes = {}
+        closed = ClosedStep(
+            o.step, self.members, included, {p: o.records[p] for p in included}, hashes, joiners
+        )
+        if closed.digest(self.chain[o.step - 1]) == digest:
+            return self._accept(closed, digest)
+        # We hold different records: fetch the step as the coordinator closed it.
+        self.announced[o.step] = digest
         return self.fetch_from(sender)
 
     def _next_attempt(self, now: float) -> list[Event]:
@@ -750,8 +764,12 @@ class ZOLog:
         start = msg.get("s")
         if not _is_count(start):
             return self._reject(sender, "zo.want needs an integer step 's'")
-        if start < self.base_step or start >= self.next_close:
+        if start < self.base_step:
             return []
+        if start >= self.next_close:  # nothing to send: say where the log ends, and who is in
+            last, digest = self.head()
+            members = list(self.members or ())
+            return [Send(sender, {"t": "zo.digest", "s": last, "d": digest, "m": members})]
         stop = min(self.next_close, start + self.settings.max_log_steps_per_reply)
         steps = [self.log[s] for s in range(start, stop)]
         return [Send(sender, encode_log(steps, self.chain[start - 1]) | {"h": self.next_close - 1})]
@@ -807,6 +825,13 @@ class ZOLog:
         step, digest = msg.get("s"), msg.get("d")
         if not isinstance(step, int) or not isinstance(digest, bytes):
             return self._reject(sender, "zo.digest needs an integer s and bytes d")
+        if self.joining and self.join_sent_at is None and step < self.next_close:
+            # The answer to a joiner's zo.want: nothing more to replay, ask to join.
+            if self.members is None and isinstance(msg.get("m"), list):
+                self.members = tuple(sorted(str(p) for p in msg["m"]))
+            if self.applied == self.next_close:
+                return self.request_join(now)
+            return []
         if step < self.next_close:
             mine = self.chain.get(step)
             if mine is not None and mine != digest:

@@ -56,6 +56,27 @@ def assert_same_hash_at_every_common_check(daemons: list[Daemon], since: int = 0
     return len(common)
 
 
+def progress(daemons: list[Daemon]) -> str:
+    rows = []
+    for d in daemons:
+        try:
+            t = training(d)
+            rows.append(
+                f"{d.home.name}: {t['phase']} step {t['step']} members {len(t['members'])} "
+                f"fetches {t['fetches']} resyncs {t['resyncs']} last {t['rejections'][-1:]}"
+            )
+        except Exception as exc:
+            rows.append(f"{d.home.name}: {exc}")
+    return "; ".join(rows)
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, daemons: list[Daemon]) -> None:
+    try:
+        wait_until(predicate, timeout_s, what, poll_s=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {progress(daemons)}") from None
+
+
 class Swarm:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -87,11 +108,11 @@ def test_four_members_on_mixed_cpu_capabilities_stay_identical_and_the_loss_fall
     s, _ = swarm
     capabilities = [training(d)["cpu_capability"] for d in s.members]
     assert capabilities[:2] == ["DEFAULT", "DEFAULT"] and "DEFAULT" not in capabilities[2:]
-    wait_until(
+    wait_for(
         lambda: all(training(d)["step"] >= STEPS for d in s.members),
         240,
         f"{STEPS} steps on all four members",
-        poll_s=1.0,
+        s.members,
     )
     assert assert_same_hash_at_every_common_check(s.members) >= STEPS // 10 - 2
     for daemon in s.members:
@@ -130,11 +151,11 @@ def test_a_member_killed_mid_step_does_not_stall_the_others(swarm: tuple[Swarm, 
     before = max(training(d)["step"] for d in survivors)
     victim.kill()
     s.killed = victim
-    wait_until(
+    wait_for(
         lambda: all(training(d)["step"] >= before + 40 for d in survivors),
         90,
         "the survivors to go on after the kill",
-        poll_s=0.5,
+        survivors,
     )
     for daemon in survivors:
         t = training(daemon)
@@ -147,14 +168,18 @@ def test_a_member_killed_mid_step_does_not_stall_the_others(swarm: tuple[Swarm, 
 def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, Any]) -> None:
     s, spawn = swarm
     joiner = spawn("late", *ZO, join=s.members[0]).wait_ready()
-    wait_until(
-        lambda: (training(joiner).get("join") or {}).get("done"), 90, "the late joiner to join"
+    wait_for(
+        lambda: (training(joiner).get("join") or {}).get("done"),
+        90,
+        "the late joiner to join",
+        [*s.members, joiner],
     )
     step = training(joiner)["step"]
-    wait_until(
+    wait_for(
         lambda: all(training(d)["step"] >= step + 25 for d in [*s.members, joiner]),
         60,
         "a few steps with the joiner",
+        [*s.members, joiner],
     )
     assert assert_same_hash_at_every_common_check([*s.members, joiner]) >= 3
     join = training(joiner)["join"]

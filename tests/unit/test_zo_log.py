@@ -65,9 +65,9 @@ class Sim:
         self.corrupt: Callable[[str, ClosedStep], ClosedStep] | None = None
         founder, *others = names
         self.add(founder, members=[founder])
-        for name in others:
+        for name in others:  # joiners before step 0: the founder has no log to send yet
             self.add(name)
-            self.handle(name, self.nodes[name].request_join(self.now, [founder]))
+            self.handle(name, self.nodes[name].fetch_from(founder))
 
     def add(self, name: str, members: list[str] | None = None) -> None:
         self.nodes[name] = ZOLog(name, self.settings, GENESIS, 0, members, self.now)
