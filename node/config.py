@@ -72,6 +72,8 @@ class NodeConfig:
     zo_context_tokens: int = 32
     zo_batch_size: int = 8
     zo_corpus_bytes: int = 1 << 20
+    zo_corpus_sources: tuple[str, ...] = ()
+    zo_init_checkpoint: str = ""
     zo_lr: float = 1e-3
     zo_eps: float = 1e-3
     zo_samples_per_step: int = 1
@@ -180,6 +182,13 @@ def _multiaddrs(require_peer_id: bool) -> Parser:
     return parse
 
 
+def _paths(value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise TypeError
+    return tuple(_text(item) for item in items)
+
+
 def _capacity(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TypeError
@@ -248,6 +257,8 @@ KEYS: dict[str, Key] = {
     "zo_context_tokens": Key(_positive_int, "a positive number of tokens"),
     "zo_batch_size": Key(_positive_int, "a positive number of sequences per SPSA sample"),
     "zo_corpus_bytes": Key(_positive_int, "a positive number of bytes of training text"),
+    "zo_corpus_sources": Key(_paths, "text files or folders (comma list); empty = stdlib *.py"),
+    "zo_init_checkpoint": Key(_text, "a safetensors checkpoint to start from (e.g. DiLoCo's)"),
     "zo_lr": Key(_positive_float, "a positive learning rate"),
     "zo_eps": Key(_positive_float, "a positive perturbation size"),
     "zo_samples_per_step": Key(_positive_int, "a number of SPSA samples per node-step, 1-255"),
@@ -263,8 +274,8 @@ KEYS: dict[str, Key] = {
     "zo_tick_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_torch_threads": Key(_positive_int, "a positive number of torch CPU threads"),
     "zo_fault": Key(
-        _choice("none", "bad_records", "outsider"),
-        "one of: none, bad_records, outsider (fault injection for tests)",
+        _choice("none", "bad_records", "outsider", "drift"),
+        "one of: none, bad_records, outsider, drift (fault injection for tests)",
     ),
 }
 

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +43,7 @@ from protocols.zo_log import (
     encode_log,
     genesis_digest,
 )
+from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.data import CorpusSettings, TokenBlocks, load_corpus
 from trainer.model import ModelConfig, build_model, model_config, next_token_loss
 from trainer.zo import SeedRecord, ZOSettings, ZOTrainer, clone_params, state_bytes, state_hash
@@ -56,6 +58,24 @@ log = logging.getLogger("shoal.node.zo")
 LIBP2P_FRAMING_BYTES = 30
 HISTORY = 600
 FAULT_EVERY_STEPS = 10
+DRIFT_STEP = 150  # zo_fault = drift: this node's weights move off the swarm's after this step
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from a checkpoint (a DiLoCo one, say): every trained parameter by name and shape."""
+    tensors = load_checkpoint(path).tensors
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path} lacks parameters {missing[:5]} of the zo_model")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, the zo_model "
+                    f"needs {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name].to(param.dtype))
 
 
 def zo_model_config(name: str, context_tokens: int) -> ModelConfig:
@@ -113,7 +133,10 @@ class ZOMode:
         self.messages_sent: dict[str, int] = {}
         self.rejections: deque[str] = deque(maxlen=50)
         self.rejected = 0
+        self.ignored = 0
         self.resyncs = 0
+        self.resync_reasons: deque[str] = deque(maxlen=10)
+        self._drifted = False
         self.join: dict[str, Any] | None = None
         self._join_log_bytes = 0
         self._join_started: float | None = None
@@ -129,8 +152,8 @@ class ZOMode:
             if self.sync is not None:
                 self.sync.on_control(sender, message)
             return
-        if self.machine is None:
-            self._note_rejection(sender, f"{kind[:20]} before this node's ZO log started")
+        if self.machine is None:  # loading or re-syncing: the log catches up by fetching
+            self.ignored += 1
             return
         if kind == "zo.log" and self.phase == "joining":
             self._join_log_bytes += len(encode_frame(message)) + LIBP2P_FRAMING_BYTES
@@ -193,7 +216,11 @@ class ZOMode:
         torch.set_num_threads(c.zo_torch_threads)
         config = zo_model_config(c.zo_model, c.zo_context_tokens)
         model = build_model(config, seed=c.zo_model_seed)
-        corpus = load_corpus(CorpusSettings(max_total_bytes=c.zo_corpus_bytes))
+        if c.zo_init_checkpoint:
+            load_weights(model, Path(c.zo_init_checkpoint))
+        corpus = load_corpus(
+            CorpusSettings(sources=c.zo_corpus_sources, max_total_bytes=c.zo_corpus_bytes)
+        )
         seed = int.from_bytes(hashlib.blake2b(self.me.encode(), digest_size=4).digest(), "big")
         batches = TokenBlocks(
             corpus.train_tokens,
@@ -275,6 +302,7 @@ class ZOMode:
             return
         log.warning("ZO state differs from the swarm's (%s): re-syncing from the snapshot", reason)
         self.resyncs += 1
+        self.resync_reasons.append(reason)
         contacts = sorted(set(self.machine.members or ()) - {self.me})
         self.generation += 1  # queued torch work of the old log is skipped
         self.machine = None
@@ -360,6 +388,10 @@ class ZOMode:
                 )
             records.append(SeedRecord(closed.step, peer, index, code, seed_index))
         metrics = trainer.apply_step(closed.step, records)
+        if self.node.config.zo_fault == "drift" and closed.step == DRIFT_STEP and not self._drifted:
+            self._drifted = True  # once: the replay after the re-sync must not drift again
+            with torch.no_grad():
+                next(iter(trainer.model.parameters())).view(-1)[0] += 1e-3
         self.records_per_step.append(metrics.records_applied + metrics.records_skipped_zero)
         if metrics.loss is not None:
             self.losses.append((closed.step, metrics.loss))
@@ -481,6 +513,8 @@ class ZOMode:
             "rejected": self.rejected,
             "rejections": list(self.rejections),
             "resyncs": self.resyncs,
+            "resync_reasons": list(self.resync_reasons),
+            "ignored_while_syncing": self.ignored,
             "fetches": m.fetches if m is not None else 0,
             "join": self.join,
             "full_state_bytes": self.full_state_bytes,

@@ -20,16 +20,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.daemons import Daemon, swarm_of, wait_until
+from tests.daemons import REPO, Daemon, swarm_of, wait_until
+
+# The fine-tuning text: the package descriptions (README prose in METADATA files) of the
+# installed packages; pretraining saw only the standard library's Python code.
+DOCS = tuple(
+    sorted(str(p) for p in (REPO / ".venv").glob("lib/python3*/site-packages/*.dist-info/METADATA"))
+)
 
 
-def training(d: Daemon) -> dict:  # type: ignore[type-arg]
-    return d.status()["training"]  # type: ignore[no-any-return]
+def training(d: Daemon) -> dict[str, Any]:
+    result: dict[str, Any] = d.status()["training"]
+    return result
 
 
 def reference_steps_per_s(model: str, context: int, batch: int, steps: int) -> float:
@@ -59,14 +67,53 @@ def reference_steps_per_s(model: str, context: int, batch: int, steps: int) -> f
     return steps / (time.perf_counter() - started)
 
 
+def pretrain(home: Path, model: str, context: int, steps: int) -> tuple[Path, float]:
+    """The fine-tuning task's starting point: ``model`` trained with AdamW (backprop) on the
+    standard library's Python, saved as a checkpoint; returns (path, its loss on the docs)."""
+    import torch
+
+    from node.zo_mode import zo_model_config
+    from trainer.checkpoint import save_checkpoint
+    from trainer.data import CorpusSettings, TokenBlocks, evaluate_loss, load_corpus
+    from trainer.model import build_model, next_token_loss
+
+    torch.manual_seed(0)
+    m = build_model(zo_model_config(model, context), seed=0)
+    code = load_corpus(CorpusSettings(max_total_bytes=4 << 20))
+    blocks = TokenBlocks(code.train_tokens, batch_size=16, context_tokens=context, seed=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = next_token_loss(m, *next(blocks))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    docs = load_corpus(CorpusSettings(sources=DOCS))
+    batches = [
+        TokenBlocks(docs.train_tokens, batch_size=16, context_tokens=context, seed=9).batch_at(i)
+        for i in range(4)
+    ]
+    path = save_checkpoint(home, dict(m.named_parameters()), revision=steps)
+    return path, evaluate_loss(m, batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args()
+    tmp_home = Path(tempfile.mkdtemp())
+    checkpoint, start_loss = pretrain(tmp_home, args.model, args.context, args.pretrain_steps)
     zo = [
+        "--zo-init-checkpoint",
+        str(checkpoint),
+        "--zo-corpus-sources",
+        ",".join(DOCS),
+        "--zo-lr",
+        str(args.lr),
         "--train",
         "zo",
         "--zo-model",
@@ -140,6 +187,7 @@ def main() -> None:
         "parity_checks_total": len(common),
         "steps_per_s": round(steps_per_s, 2),
         "reference_steps_per_s": round(reference, 2),
+        "pretrained_loss_on_docs": round(start_loss, 4),
         "zo_loss_first": round(statistics.mean(losses[:120]), 4),
         "zo_loss_drop": round(drop, 4),
         "replay_join_bytes": replay,

@@ -2,8 +2,9 @@
 
 One swarm for the whole module (starting torch daemons costs seconds each on 2 cores): four
 members, two of them with ``ATEN_CPU_CAPABILITY=default`` and two with the machine's best, one
-of them also sending bad records (``zo_fault = bad_records``), plus an outsider that is not a
-member and keeps sending records. The tests run in order on it: parity and loss over 500+
+of them also sending bad records (``zo_fault = bad_records``), one whose weights drift once
+(``zo_fault = drift``: the hash check must send it through a re-sync), plus an outsider that
+is not a member and keeps sending records. The tests run in order on it: parity and loss over 500+
 steps, the rejections, a member SIGKILLed mid-step, then a late joiner that replays the log.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from node.zo_mode import DRIFT_STEP
 from tests.daemons import Daemon, swarm_of, wait_until
 
 ZO = [
@@ -33,6 +35,8 @@ ZO = [
     "4",
     "--zo-batch-size",
     "4",
+    "--zo-model",
+    "nano",
 ]
 STEPS = 505
 
@@ -93,7 +97,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Swarm, Any
         default = {"ATEN_CPU_CAPABILITY": "default"}
         a = spawn("a", *ZO, env=default).wait_ready()
         b = spawn("b", *ZO, join=a, env=default)
-        c = spawn("c", *ZO, join=a)
+        c = spawn("c", *ZO, "--zo-fault", "drift", join=a)
         d = spawn("d", *ZO, "--zo-fault", "bad_records", join=a)
         o = spawn("o", *ZO, "--zo-fault", "outsider", join=a)
         for daemon in (b, c, d, o):
@@ -117,11 +121,16 @@ def test_four_members_on_mixed_cpu_capabilities_stay_identical_and_the_loss_fall
     assert assert_same_hash_at_every_common_check(s.members) >= STEPS // 10 - 2
     for daemon in s.members:
         t = training(daemon)
-        assert t["parity_checks_failed"] == 0 and t["resyncs"] == 0
-        assert t["parity_checks_passed"] >= STEPS // 10 - 5
+        assert t["parity_checks_failed"] == 0
+        assert t["parity_checks_passed"] >= (STEPS - DRIFT_STEP) // 10 - 5
         assert len(t["members"]) == 4
         losses = [loss for _, loss in t["losses"]]
         assert statistics.mean(losses[-50:]) < statistics.mean(losses[:50]) - 0.3
+    # c's weights were nudged after step 150: the next hash check sent it back to its snapshot,
+    # it replayed the log, and its hashes (listed above, the replayed ones) match again.
+    drifted = training(s.members[2])
+    assert drifted["resyncs"] == 1 and "state hash differs" in drifted["resync_reasons"][0]
+    assert all(training(d)["resyncs"] == 0 for d in s.members if d is not s.members[2])
 
 
 def test_bad_records_are_rejected_with_a_reason_and_replicas_stay_identical(
@@ -185,5 +194,7 @@ def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, 
     join = training(joiner)["join"]
     assert join["snapshot_bytes"] == 0  # it holds theta_0: the shared-state sync moved nothing
     assert join["steps_replayed"] >= STEPS
-    assert 0 < join["log_bytes"] * 10 < join["full_state_bytes"]
+    # The nano model's full state is 74 KB; the 100x target is measured on a 3.3 MB model in
+    # tests/bench/bench_zo.py.
+    assert 0 < join["log_bytes"] * 4 < join["full_state_bytes"]
     assert len(training(s.members[0])["members"]) == 4

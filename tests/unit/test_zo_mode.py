@@ -9,7 +9,7 @@ import pytest
 
 from node.cli import format_status
 from node.config import ConfigError, load_config
-from node.zo_mode import zo_model_config
+from node.zo_mode import load_weights, zo_model_config
 
 
 def test_zo_keys_parse_from_every_source(tmp_path: Path) -> None:
@@ -80,3 +80,23 @@ def test_status_shows_the_zo_training_line() -> None:
     assert "zo member step 120, loss 3.2500, 4.0 records and 210.5 B sent per step" in line
     assert "parity checks 12 passed 0 failed, 3 rejected" in line
     assert "joined by replay of 100 steps" in line
+
+
+def test_a_checkpoint_is_the_starting_point_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from trainer.checkpoint import CheckpointError, save_checkpoint
+    from trainer.model import ModelConfig, build_model
+
+    trained = build_model(zo_model_config("nano", 16), seed=7)
+    path = save_checkpoint(tmp_path, dict(trained.named_parameters()), revision=3)
+    fresh = build_model(zo_model_config("nano", 16), seed=0)
+    load_weights(fresh, path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.parameters(), trained.parameters(), strict=True)
+    )
+    with pytest.raises(CheckpointError, match="shape"):
+        narrow = ModelConfig(context_tokens=16, d_model=32, n_layers=1, n_heads=2, mlp_hidden=32)
+        load_weights(build_model(narrow, seed=0), path)
+    with pytest.raises(CheckpointError, match="lacks parameters"):
+        load_weights(build_model(zo_model_config("micro", 16), seed=0), path)
