@@ -596,6 +596,7 @@ class ZOLog:
         assert closed.step == self.next_close
         self.log[closed.step] = closed
         self.chain[closed.step] = digest
+        self.announced.pop(closed.step, None)
         self.next_close = closed.step + 1
         self.members = closed.next_members
         for p in closed.joiners:

@@ -28,11 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.daemons import REPO, Daemon, swarm_of, wait_until
 
-# The fine-tuning text: the package descriptions (README prose in METADATA files) of the
-# installed packages; pretraining saw only the standard library's Python code.
-DOCS = tuple(
-    sorted(str(p) for p in (REPO / ".venv").glob("lib/python3*/site-packages/*.dist-info/METADATA"))
-)
+
+# The fine-tuning text: the package descriptions (README prose in the METADATA files) of the
+# installed packages, copied to <name>.md files; pretraining saw only the standard library's
+# Python code.
+def docs_folder(tmp: Path) -> Path:
+    folder = tmp / "docs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for meta in sorted((REPO / ".venv").glob("lib/python3*/site-packages/*.dist-info/METADATA")):
+        (folder / f"{meta.parent.name}.md").write_bytes(meta.read_bytes())
+    return folder
 
 
 def training(d: Daemon) -> dict[str, Any]:
@@ -67,7 +72,7 @@ def reference_steps_per_s(model: str, context: int, batch: int, steps: int) -> f
     return steps / (time.perf_counter() - started)
 
 
-def pretrain(home: Path, model: str, context: int, steps: int) -> tuple[Path, float]:
+def pretrain(home: Path, docs: Path, model: str, context: int, steps: int) -> tuple[Path, float]:
     """The fine-tuning task's starting point: ``model`` trained with AdamW (backprop) on the
     standard library's Python, saved as a checkpoint; returns (path, its loss on the docs)."""
     import torch
@@ -87,9 +92,9 @@ def pretrain(home: Path, model: str, context: int, steps: int) -> tuple[Path, fl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    docs = load_corpus(CorpusSettings(sources=DOCS))
+    text = load_corpus(CorpusSettings(sources=(str(docs),)))
     batches = [
-        TokenBlocks(docs.train_tokens, batch_size=16, context_tokens=context, seed=9).batch_at(i)
+        TokenBlocks(text.train_tokens, batch_size=16, context_tokens=context, seed=9).batch_at(i)
         for i in range(4)
     ]
     path = save_checkpoint(home, dict(m.named_parameters()), revision=steps)
@@ -106,12 +111,13 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args()
     tmp_home = Path(tempfile.mkdtemp())
-    checkpoint, start_loss = pretrain(tmp_home, args.model, args.context, args.pretrain_steps)
+    docs = docs_folder(tmp_home)
+    checkpoint, start_loss = pretrain(tmp_home, docs, args.model, args.context, args.pretrain_steps)
     zo = [
         "--zo-init-checkpoint",
         str(checkpoint),
         "--zo-corpus-sources",
-        ",".join(DOCS),
+        str(docs),
         "--zo-lr",
         str(args.lr),
         "--train",
