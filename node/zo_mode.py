@@ -137,6 +137,7 @@ class ZOMode:
         self.resyncs = 0
         self.resync_reasons: deque[str] = deque(maxlen=10)
         self._drifted = False
+        self._kseed_summary: dict[str, Any] | None = None
         self.join: dict[str, Any] | None = None
         self._join_log_bytes = 0
         self._join_started: float | None = None
@@ -388,6 +389,16 @@ class ZOMode:
                 )
             records.append(SeedRecord(closed.step, peer, index, code, seed_index))
         metrics = trainer.apply_step(closed.step, records)
+        if trainer.kseed is not None:  # read here, in the worker: the scalars of this step
+            scalars = list(trainer.kseed.scalars)
+            self._kseed_summary = {
+                "k": len(scalars),
+                "step": closed.step + 1,
+                "seeds_used": sum(1 for a in scalars if a != 0.0),
+                "scalars_digest": hashlib.blake2b(
+                    repr(scalars).encode(), digest_size=8
+                ).hexdigest(),
+            }
         if self.node.config.zo_fault == "drift" and closed.step == DRIFT_STEP and not self._drifted:
             self._drifted = True  # once: the replay after the re-sync must not drift again
             with torch.no_grad():
@@ -520,4 +531,8 @@ class ZOMode:
             "full_state_bytes": self.full_state_bytes,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "fedkseed": self._fedkseed_status(),
         }
+
+    def _fedkseed_status(self) -> dict[str, Any] | None:
+        return self._kseed_summary
