@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("id", "peer id and addresses"),
         ("status", "this node and the swarm"),
         ("peers", "one line per known peer"),
+        ("netcheck", "reachability, NAT mapping, port mapping, relays, and what to do"),
     ):
         cmd = sub.add_parser(name, help=help_text)
         _add_home(cmd)
@@ -213,6 +214,8 @@ def _client(args: argparse.Namespace, home: Path) -> int:
         print(format_status(result))
     elif args.command == "peers":
         print(format_peers(result))
+    elif args.command == "netcheck":
+        print(format_netcheck(result))
     else:
         print(result["peer_id"])
         for addr in result["addrs"]:
@@ -272,6 +275,33 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
             f"{peer['peer_id']}  {peer['connection']:<8} {remote:<28} rtt {rtt:<9} "
             f"seen {peer['last_seen_s']:.1f}s ago  bulk {bulk:<6} {peer.get('role', '')}"
         )
+    return "\n".join(lines)
+
+
+def format_netcheck(check: dict[str, Any]) -> str:
+    varies = check["mapping_varies_by_destination"]
+    mapping = check["port_mapping"]
+    lines = [
+        f"reachability  {check['reachability']}  (listening on {check['listen']})",
+        "nat mapping   "
+        + {True: "varies by destination (symmetric)", False: "same for every destination"}.get(
+            varies, "unknown (fewer than two members observed it)"
+        ),
+        f"port mapping  {mapping.get('method', 'none')}: "
+        + (f"mapped {mapping.get('external', '')}" if mapping.get("ok") else mapping["reason"]),
+        f"relay service {'on' if check['relay_service'] else 'off'}",
+    ]
+    lines += [
+        f"dial-back     {d['peer_id']}  {'reached' if d['ok'] else 'failed'}: {d['reason']}"
+        for d in check["dialbacks"]
+    ]
+    lines += [f"observed      {o['addr']}  by {o['peer_id']}" for o in check["observed"]]
+    lines += [
+        f"relay         {r['peer_id']}  {r['addr']}  rtt "
+        + ("-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms")
+        for r in check["relays"]
+    ]
+    lines.append(f"advice        {check['advice']}")
     return "\n".join(lines)
 
 

@@ -64,6 +64,22 @@ class NodeConfig:
     allreduce_ready_timeout_s: float = 10.0
     allreduce_accept_timeout_s: float = 5.0
     allreduce_coordinator_timeout_s: float = 5.0
+    reachability_min_answers: int = 2
+    nat_probe_interval_s: float = 60.0
+    nat_dialback_timeout_s: float = 3.0
+    nat_probe_port: int = 0
+    relay_service: str = "auto"
+    relay_reservations: int = 2
+    relay_max_reservations: int = 64
+    relay_reservation_ttl_s: float = 120.0
+    relay_max_circuits_per_peer: int = 8
+    relay_circuit_max_s: float = 3600.0
+    relay_circuit_max_bytes: int = 1 << 30
+    relay_handshake_timeout_s: float = 5.0
+    holepunch: str = "on"
+    holepunch_attempt_timeout_s: float = 5.0
+    port_mapping: str = "auto"
+    port_mapping_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -208,6 +224,24 @@ KEYS: dict[str, Key] = {
     "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "reachability_min_answers": Key(
+        _positive_int, "a positive number of members whose dial-backs decide reachability"
+    ),
+    "nat_probe_interval_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_dialback_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_probe_port": Key(_port, "a TCP port number, 0 for any free port"),
+    "relay_service": Key(_choice("auto", "off"), "one of: auto (relay while public), off"),
+    "relay_reservations": Key(_positive_int, "a positive number of relays to hold a slot on"),
+    "relay_max_reservations": Key(_positive_int, "a positive number of reservations"),
+    "relay_reservation_ttl_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_max_circuits_per_peer": Key(_positive_int, "a positive number of circuits"),
+    "relay_circuit_max_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_circuit_max_bytes": Key(_positive_int, "a positive integer number of bytes"),
+    "relay_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "holepunch": Key(_choice("on", "off"), "one of: on, off"),
+    "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
+    "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
 }
 

@@ -22,11 +22,12 @@ import msgpack
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from net.bulk import BulkListener, BulkSettings
 from net.bulk_peers import BulkPeers
+from net.holepunch import HolePunchSettings
 from net.host import (
     WIRE,
     announce_addrs,
@@ -40,12 +41,15 @@ from net.host import (
     swarm_protocol,
 )
 from net.links import ControlLinks, LinkSettings
+from net.nat import NatService, NatSettings
+from net.relay import RelaySettings
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
 from protocols.dht_direct import DirectDHT, DirectDHTSettings, Done, closest
 from protocols.dht_direct import Reaction as DHTReaction
 from protocols.membership import Membership, MembershipSettings
 from protocols.presence import PresenceRecord, Signer, decode_record
+from protocols.relay import RelayLimits
 
 if TYPE_CHECKING:  # torch (~190 MB of RSS) is imported only by nodes that run a workload
     from node.collective import AllReduceGroup
@@ -161,6 +165,17 @@ class Node:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
             await self._start_bulk(nursery)
+            self.nat = NatService(
+                self.host,
+                self.links,
+                self.peer_id,
+                lambda name: swarm_protocol(self.config.swarm, name),
+                _nat_settings(self.config),
+                lambda: [m.record.peer_id for m in self.membership.table.others()],
+                lambda pid: (self.liveness.get(pid) or PeerLiveness()).rtt_ms,
+                self._on_path_change,
+            )
+            await nursery.start(self.nat.serve, _bind_host(self.config.listen))
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
@@ -241,7 +256,7 @@ class Node:
 
     def _describe_self(self) -> dict[str, Any]:
         return {
-            "addrs": self.addrs,
+            "addrs": self.addrs + (self.nat.extra_addrs() if hasattr(self, "nat") else []),
             "role": self.config.role,
             "version": VERSION,
             "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
@@ -317,12 +332,9 @@ class Node:
         if member is None or live.dialing:
             return False
         live.dialing, live.last_dial = True, time.monotonic()
-        info = PeerInfo(
-            ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in member.record.addrs]
-        )
-        try:
-            with trio.fail_after(self.config.connect_timeout_s):
-                await self.host.connect(info)
+        try:  # directly, else through a relay the member published (net/nat.py)
+            with trio.fail_after(2 * self.config.connect_timeout_s):
+                await self.nat.connect(peer_id, list(member.record.addrs))
         except Exception as exc:  # unreachable for now: the next heartbeat tries again
             log.debug("cannot connect to member %s: %s", peer_id, exc)
             return False
@@ -337,8 +349,15 @@ class Node:
         except Exception as exc:
             log.debug("DHT routing table refused %s: %s", peer_id, exc)
 
+    def _on_path_change(self, peer_id: str) -> None:
+        """A hole punch made the path to ``peer_id`` direct: move the links and bulk to it."""
+        self.bulk.close(peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.links.forget, peer_id)
+
     def _forget(self, peer_id: str) -> None:
         self.liveness.pop(peer_id, None)
+        self.nat.forget(peer_id)
         self._dht_react(self.direct_dht.on_peer_lost(peer_id))
         if self.group is not None:
             self.group.on_peer_lost(peer_id)
@@ -386,6 +405,9 @@ class Node:
             return
         if kind.startswith("bulk."):
             self.bulk.on_message(sender, message)
+            return
+        if kind.startswith("nat."):
+            self.nat.on_message(sender, message)
             return
         if kind.startswith("dht."):
             self._dht_react(self.direct_dht.on_message(sender, message, time.monotonic()))
@@ -542,6 +564,8 @@ class Node:
                 None if record is None else {"peer_id": record.peer_id, "addrs": list(record.addrs)}
             )
             return {"record": found, "elapsed_ms": elapsed_ms, "path": path}
+        if cmd == "netcheck":
+            return self.nat.netcheck()
         if cmd == "dht_put":
             started = time.perf_counter()
             stored = await self.publish_to_dht()
@@ -551,7 +575,7 @@ class Node:
             kad_ms = (time.perf_counter() - started) * 1000
             return {"elapsed_ms": direct_ms, "stored": stored, "kademlia_elapsed_ms": kad_ms}
         raise ControlError(
-            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get, dht_put"
+            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, netcheck, dht_get, dht_put"
         )
 
     def p2p_addrs(self) -> list[str]:
@@ -587,7 +611,8 @@ class Node:
             "version": VERSION,
             "home": str(self.config.home),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "reachability": "unknown",
+            "reachability": self.nat.verdict(),
+            "nat": self.nat.status(),
             "swarm_size": len(self.membership.table.peer_ids()),
             "peers": peers,
             "bytes_in": WIRE.bytes_in,
@@ -600,6 +625,30 @@ class Node:
             "training": self.training,
             "allreduce": None if self.group is None else self.group.status(),
         }
+
+
+def _nat_settings(c: NodeConfig) -> NatSettings:
+    return NatSettings(
+        min_answers=c.reachability_min_answers,
+        probe_interval_s=c.nat_probe_interval_s,
+        dialback_timeout_s=c.nat_dialback_timeout_s,
+        probe_port=c.nat_probe_port,
+        relay_service=c.relay_service,
+        reservations=c.relay_reservations,
+        direct_dial_timeout_s=c.connect_timeout_s,
+        holepunch=c.holepunch == "on",
+        relay=RelaySettings(
+            handshake_timeout_s=c.relay_handshake_timeout_s,
+            limits=RelayLimits(
+                max_reservations=c.relay_max_reservations,
+                reservation_ttl_s=c.relay_reservation_ttl_s,
+                max_circuits_per_peer=c.relay_max_circuits_per_peer,
+                circuit_max_s=c.relay_circuit_max_s,
+                circuit_max_bytes=c.relay_circuit_max_bytes,
+            ),
+        ),
+        punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
+    )
 
 
 def _bind_host(listen: tuple[str, ...]) -> str:
