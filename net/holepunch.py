@@ -9,10 +9,12 @@ back to back (py-libp2p: five, 30 s apart).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -76,7 +78,7 @@ class HolePuncher:
         try:
             with trio.fail_after(self.settings.stream_timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer), [self.protocol_id])
-            message = machine.start(time.monotonic())
+            message: dict[str, Any] | None = machine.start(time.monotonic())
             while message is not None:
                 with trio.fail_after(self.settings.stream_timeout_s):
                     await write_frame(stream, message)
@@ -161,12 +163,9 @@ class HolePuncher:
 
 
 async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(1) as scope:
+    with trio.move_on_after(1) as scope, contextlib.suppress(Exception):  # already gone
         scope.shield = True
-        try:
-            await stream.reset()
-        except Exception:  # already gone
-            pass
+        await stream.reset()
 
 
 def _reason(exc: BaseException) -> str:

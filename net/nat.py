@@ -22,6 +22,7 @@ Pieces (rules in protocols/nat.py, protocols/relay.py, protocols/dcutr.py; I/O h
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
@@ -64,10 +65,11 @@ class NatSettings:
     probe_port: int = 0
     relay_service: str = "auto"  # auto: relay while public | off
     reservations: int = 2
-    direct_dial_timeout_s: float = 3.0
+    direct_dial_timeout_s: float = 1.5
+    wait_for_dialer_s: float = 5.0
     holepunch: bool = True
-    relay: RelaySettings = RelaySettings()
-    punch: HolePunchSettings = HolePunchSettings()
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    punch: HolePunchSettings = field(default_factory=HolePunchSettings)
     max_probe_connections: int = 32
 
 
@@ -182,7 +184,7 @@ class NatService:
                 continue
             if now - self.state.last_probe.get(peer, -1e9) >= self.settings.probe_interval_s:
                 self._send_probe(peer, now)
-        if self.verdict() != PUBLIC:
+        if self.verdict() != PUBLIC:  # unknown too: a circuit address early costs little
             self._keep_reservations(now, live)
         elif self.state.reservations:
             log.info("reachable: dropping relay reservations")
@@ -347,12 +349,14 @@ class NatService:
         peer_id = ID.from_base58(peer)
         direct = [a for a in addrs if parse_circuit_addr(a) is None]
         circuits = [c for c in (parse_circuit_addr(a) for a in addrs) if c is not None]
-        timeout = self.settings.direct_dial_timeout_s if circuits else None
         error = "no direct address"
         if direct:
             try:
                 info = PeerInfo(peer_id, [multiaddr.Multiaddr(a) for a in direct])
-                with trio.fail_after(timeout if timeout is not None else 1e9):
+                # With a relay to fall back on (or coming: a peer with only private addresses
+                # is behind a NAT), a direct address gets a short try only.
+                short = circuits or all(_is_private(a) for a in direct)
+                with trio.fail_after(self.settings.direct_dial_timeout_s if short else 1e9):
                     await self.host.connect(info)
                 return True
             except Exception as exc:
@@ -361,7 +365,11 @@ class NatService:
             raise ConnectionError(error)
         if self.verdict() == PUBLIC or self.self_id > peer:
             # It reaches us (we are public), or it is the pair's dialer: wait for it.
-            raise ConnectionError(f"{error}; waiting for {peer} to reach us through its relay")
+            with trio.move_on_after(self.settings.wait_for_dialer_s):
+                while connection_info(self.host, peer)[0] == "none":
+                    await trio.sleep(0.05)
+                return True
+            raise ConnectionError(f"{error}; {peer} did not reach us through its relay")
         for relay_addr, relay in circuits:
             if relay == self.self_id:
                 continue
@@ -405,8 +413,7 @@ class NatService:
         return self._direct_addr(peer) is not None
 
     def _direct_addr(self, peer: str) -> str | None:
-        kind, remotes = connection_info(self.host, peer)
-        for addr in remotes:
+        for addr in connection_info(self.host, peer)[1]:
             if "/p2p-circuit" not in addr and addr.startswith("/ip4/"):
                 return addr.split("/p2p/")[0]
         return None
@@ -486,3 +493,12 @@ class NatService:
                 verdict, source[1] if source else 0, varies, bool(mapping.get("ok")), len(relays)
             ),
         }
+
+
+def _is_private(addr: str) -> bool:
+    """True for an /ip4 or /ip6 multiaddr of a private, loopback or link-local address."""
+    parts = addr.split("/")
+    try:
+        return len(parts) > 2 and ipaddress.ip_address(parts[2]).is_private
+    except ValueError:
+        return False

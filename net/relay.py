@@ -17,7 +17,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
@@ -109,7 +109,7 @@ class CircuitConnection(IRawConnection):
 @dataclass(frozen=True)
 class RelaySettings:
     handshake_timeout_s: float = 5.0
-    limits: RelayLimits = RelayLimits()
+    limits: RelayLimits = field(default_factory=RelayLimits)
 
 
 @dataclass

@@ -68,6 +68,7 @@ class NodeConfig:
     nat_probe_interval_s: float = 60.0
     nat_dialback_timeout_s: float = 3.0
     nat_probe_port: int = 0
+    nat_direct_dial_timeout_s: float = 1.5
     relay_service: str = "auto"
     relay_reservations: int = 2
     relay_max_reservations: int = 64
@@ -229,6 +230,7 @@ KEYS: dict[str, Key] = {
     ),
     "nat_probe_interval_s": Key(_positive_seconds, "a positive number of seconds"),
     "nat_dialback_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_direct_dial_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "nat_probe_port": Key(_port, "a TCP port number, 0 for any free port"),
     "relay_service": Key(_choice("auto", "off"), "one of: auto (relay while public), off"),
     "relay_reservations": Key(_positive_int, "a positive number of relays to hold a slot on"),

@@ -176,6 +176,7 @@ class Node:
                 self._on_path_change,
             )
             await nursery.start(self.nat.serve, _bind_host(self.config.listen))
+            self.links.connect = self._ensure_connected
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
@@ -329,8 +330,13 @@ class Node:
             return True
         member = self.membership.table.get(peer_id)
         live = self.liveness.setdefault(peer_id, PeerLiveness())
-        if member is None or live.dialing:
+        if member is None:
             return False
+        if live.dialing:  # another task is dialing it: wait for that dial's outcome
+            with trio.move_on_after(2 * self.config.connect_timeout_s):
+                while live.dialing:
+                    await trio.sleep(0.05)
+            return connection_info(self.host, peer_id)[0] != "none"
         live.dialing, live.last_dial = True, time.monotonic()
         try:  # directly, else through a relay the member published (net/nat.py)
             with trio.fail_after(2 * self.config.connect_timeout_s):
@@ -575,7 +581,8 @@ class Node:
             kad_ms = (time.perf_counter() - started) * 1000
             return {"elapsed_ms": direct_ms, "stored": stored, "kademlia_elapsed_ms": kad_ms}
         raise ControlError(
-            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, netcheck, dht_get, dht_put"
+            f"unknown command {cmd[:40]!r}; "
+            "known: status, peers, id, stop, netcheck, dht_get, dht_put"
         )
 
     def p2p_addrs(self) -> list[str]:
@@ -635,7 +642,8 @@ def _nat_settings(c: NodeConfig) -> NatSettings:
         probe_port=c.nat_probe_port,
         relay_service=c.relay_service,
         reservations=c.relay_reservations,
-        direct_dial_timeout_s=c.connect_timeout_s,
+        direct_dial_timeout_s=c.nat_direct_dial_timeout_s,
+        wait_for_dialer_s=c.connect_timeout_s,
         holepunch=c.holepunch == "on",
         relay=RelaySettings(
             handshake_timeout_s=c.relay_handshake_timeout_s,

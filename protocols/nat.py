@@ -24,7 +24,6 @@ the control links).
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,9 +207,3 @@ def advice(
         f"not reachable: {relay_text}; hole punching upgrades to direct where it can. To fix, {fix}"
     )
 
-
-def finite_nonneg(value: Any) -> float | None:
-    """A finite non-negative float, or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value) if value >= 0 else None

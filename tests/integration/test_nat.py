@@ -97,9 +97,11 @@ def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> 
             assert peer_entry(ha, hb)["connection"] == "direct"
             for node in (relay, pub):
                 assert sorted(pair) not in node.status()["nat"]["circuits"]
-            assert ha.status()["nat"]["holepunch"]["succeeded"] + hb.status()["nat"][
-                "holepunch"
-            ]["succeeded"] >= 1
+            assert (
+                ha.status()["nat"]["holepunch"]["succeeded"]
+                + hb.status()["nat"]["holepunch"]["succeeded"]
+                >= 1
+            )
 
             check = json.loads(ha.cli("netcheck", "--json", check=True).stdout)
             assert check["reachability"] == "private"
@@ -119,9 +121,7 @@ def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: P
         try:
             relay, pub, (ha, hc, hd) = start(lab, ["hA", "hC", "hD"])
             for node in (ha, hc, hd):
-                wait_until(
-                    lambda n=node: n.status()["reachability"] == "private", 30, "private"
-                )
+                wait_until(lambda n=node: n.status()["reachability"] == "private", 30, "private")
             # cone + symmetric and symmetric + symmetric: connected through a relay.
             for me, other in ((ha, hc), (hc, ha), (hc, hd), (hd, hc), (ha, hd)):
                 wait_until(
