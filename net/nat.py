@@ -40,6 +40,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from net.holepunch import HolePuncher, HolePunchSettings
 from net.host import connection_info
 from net.links import ControlLinks
+from net.portmap import PortMapping, map_port
 from net.relay import RelayError, RelayService, RelaySettings, circuit_addr, parse_circuit_addr
 from protocols.nat import (
     PUBLIC,
@@ -71,6 +72,9 @@ class NatSettings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     punch: HolePunchSettings = field(default_factory=HolePunchSettings)
     max_probe_connections: int = 32
+    port_mapping: bool = True
+    port_mapping_timeout_s: float = 5.0
+    port_mapping_lease_s: int = 3600
 
 
 @dataclass
@@ -122,6 +126,7 @@ class NatService:
         self.observations = Observations(max(600.0, 3 * settings.probe_interval_s))
         self.state = NatState()
         self.probe_port = 0
+        self.port_mapping = PortMapping(False, method="none", reason="not tried")
         self._nursery: trio.Nursery | None = None
         self._probe_slots = trio.Semaphore(settings.max_probe_connections)
         self.relay = RelayService(
@@ -150,10 +155,32 @@ class NatService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(trio.serve_listeners, self._answer_probe, listeners)
+            source = self.listen_source()
+            # Behind a router (a private listen address, not loopback: SSDP would leave the
+            # machine for nothing) ask the router for a port mapping.
+            if (
+                self.settings.port_mapping
+                and source is not None
+                and _is_private(f"/ip4/{source[0]}")
+                and not ipaddress.ip_address(source[0]).is_loopback
+            ):
+                nursery.start_soon(self._keep_port_mapping, source[1])
             task_status.started()
             while True:
                 self._tick()
                 await trio.sleep(min(1.0, self.settings.probe_interval_s / 4))
+
+    async def _keep_port_mapping(self, port: int) -> None:
+        """Map the listen port on a UPnP gateway; renew at half the lease; retry rarely."""
+        while True:
+            self.port_mapping = await map_port(
+                port, self.settings.port_mapping_lease_s, self.settings.port_mapping_timeout_s
+            )
+            if self.port_mapping.ok:
+                self.state.last_probe.clear()  # reachability may have changed: ask again
+                await trio.sleep(self.settings.port_mapping_lease_s / 2)
+            else:
+                await trio.sleep(10 * self.settings.probe_interval_s)
 
     def verdict(self) -> str:
         return self.reachability.verdict(time.monotonic())
@@ -197,8 +224,9 @@ class NatService:
         probe = _Probe(random.getrandbits(62), now)
         self.state.probes[peer] = probe
         self.state.last_probe[peer] = now
+        port = self.port_mapping.external_port if self.port_mapping.ok else source[1]
         self._nursery.start_soon(
-            self.links.send, peer, {"t": "nat.probe", "nonce": probe.nonce, "port": source[1]}
+            self.links.send, peer, {"t": "nat.probe", "nonce": probe.nonce, "port": port}
         )
 
     def _keep_reservations(self, now: float, live: set[str]) -> None:
@@ -341,8 +369,13 @@ class NatService:
     # ------------------------------------------------------------------ connections
 
     def extra_addrs(self) -> list[str]:
-        """Addresses to publish besides the listen ones: circuits through our relays."""
-        return [circuit_addr(r.relay_addr, relay) for relay, r in self.state.reservations.items()]
+        """Addresses to publish besides the listen ones: the router's mapped port, circuits
+        through our relays."""
+        mapped = self.port_mapping
+        out = [f"/ip4/{mapped.external_ip}/tcp/{mapped.external_port}"] if mapped.ok else []
+        return out + [
+            circuit_addr(r.relay_addr, relay) for relay, r in self.state.reservations.items()
+        ]
 
     async def connect(self, peer: str, addrs: list[str]) -> bool:
         """Reach a member: directly, else through a relay it published. True if connected."""
@@ -450,10 +483,11 @@ class NatService:
                 "failed": self.puncher.stats.failed,
             },
             "observed": self.observed_addrs(),
+            "port_mapping": self.port_mapping.to_wire(),
             "mapping_varies": self.observations.mapping_varies(now),
         }
 
-    def netcheck(self, port_mapping: dict[str, Any] | None = None) -> dict[str, Any]:
+    def netcheck(self) -> dict[str, Any]:
         now = time.monotonic()
         verdict = self.verdict()
         source = self.listen_source()
@@ -468,7 +502,7 @@ class NatService:
             }
             for relay, r in sorted(self.state.reservations.items())
         ]
-        mapping = port_mapping or {"method": "none", "ok": False, "reason": "not tried"}
+        mapping = self.port_mapping.to_wire()
         return {
             "reachability": verdict,
             "listen": None if source is None else f"{source[0]}:{source[1]}",

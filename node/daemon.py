@@ -656,6 +656,8 @@ def _nat_settings(c: NodeConfig) -> NatSettings:
             ),
         ),
         punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
+        port_mapping=c.port_mapping == "auto",
+        port_mapping_timeout_s=c.port_mapping_timeout_s,
     )
 
 

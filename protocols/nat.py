@@ -206,4 +206,3 @@ def advice(
     return (
         f"not reachable: {relay_text}; hole punching upgrades to direct where it can. To fix, {fix}"
     )
-

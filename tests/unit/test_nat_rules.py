@@ -17,7 +17,13 @@ from protocols.nat import (
     parse_probe,
     parse_probe_result,
 )
-from protocols.relay import RelayBook, RelayLimits, RelayMessageError, parse_peer_field, parse_status
+from protocols.relay import (
+    RelayBook,
+    RelayLimits,
+    RelayMessageError,
+    parse_peer_field,
+    parse_status,
+)
 
 P1, P2, P3 = ("12D3KooW" + c * 44 for c in "abc")
 
