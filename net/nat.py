@@ -158,11 +158,13 @@ class NatService:
             source = self.listen_source()
             # Behind a router (a private listen address, not loopback: SSDP would leave the
             # machine for nothing) ask the router for a port mapping.
+            ip = None if source is None else ipaddress.ip_address(source[0])
             if (
                 self.settings.port_mapping
                 and source is not None
-                and _is_private(f"/ip4/{source[0]}")
-                and not ipaddress.ip_address(source[0]).is_loopback
+                and ip is not None
+                and (ip.is_unspecified or _is_private(f"/ip4/{ip}"))
+                and not ip.is_loopback
             ):
                 nursery.start_soon(self._keep_port_mapping, source[1])
             task_status.started()
@@ -529,10 +531,29 @@ class NatService:
         }
 
 
+# Addresses of hosts behind a NAT (RFC 1918, shared CGNAT space, link-local, IPv6 ULA). Not
+# Python's ``is_private``, which also counts documentation ranges such as 203.0.113.0/24.
+_LAN_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "127.0.0.0/8",
+        "fc00::/7",
+        "fe80::/10",
+        "::1/128",
+    )
+]
+
+
 def _is_private(addr: str) -> bool:
-    """True for an /ip4 or /ip6 multiaddr of a private, loopback or link-local address."""
+    """True for an /ip4 or /ip6 multiaddr of an address behind a NAT (or loopback)."""
     parts = addr.split("/")
     try:
-        return len(parts) > 2 and ipaddress.ip_address(parts[2]).is_private
+        ip = ipaddress.ip_address(parts[2]) if len(parts) > 2 else None
     except ValueError:
         return False
+    return ip is not None and any(ip in net for net in _LAN_NETWORKS)

@@ -9,6 +9,7 @@ returns what happened. miniupnpc blocks, so every call runs in a worker thread u
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +77,9 @@ async def map_port(internal_port: int, lease_s: int, timeout_s: float) -> PortMa
     """Map TCP ``internal_port`` on the UPnP gateway; never raises."""
     discover_ms = max(200, int(timeout_s * 1000) // 3)
     with trio.move_on_after(timeout_s):
-        result = await trio.to_thread.run_sync(
-            _map_blocking, internal_port, lease_s, discover_ms, cancellable=True
-        )
+        # trio-stubs (via trio_typing) still say "cancellable"; trio 0.35 says abandon_on_cancel.
+        mapping = functools.partial(_map_blocking, internal_port, lease_s, discover_ms)
+        result = await trio.to_thread.run_sync(mapping, abandon_on_cancel=True)  # type: ignore[call-arg]
         if result.ok:
             log.info(
                 "port mapping: %s:%d -> %s (UPnP, lease %d s)",
@@ -107,6 +108,7 @@ async def unmap_port(port: int, timeout_s: float) -> None:
     """Remove our mapping (best effort, on leave)."""
     with trio.move_on_after(timeout_s):
         try:
-            await trio.to_thread.run_sync(_unmap_blocking, port, cancellable=True)
+            unmap = functools.partial(_unmap_blocking, port)
+            await trio.to_thread.run_sync(unmap, abandon_on_cancel=True)  # type: ignore[call-arg]
         except Exception as exc:
             log.debug("could not remove port mapping %d: %s", port, exc)

@@ -78,6 +78,7 @@ class NetLab:
             raise AssertionError(f"lab did not come up: {line!r} {self.proc.stderr.read()}")
         self.pid = int(line.split()[2])
         self.daemons: list[Daemon] = []
+        self.processes: list[subprocess.Popen[str]] = []
 
     def prefix(self, ns: str) -> list[str]:
         return ["nsenter", "-t", str(self.pid), "-n", "-m", "ip", "netns", "exec", ns]
@@ -86,6 +87,18 @@ class NetLab:
         return subprocess.run(
             [*self.prefix(ns), *cmd], capture_output=True, text=True, timeout=30, check=False
         )
+
+    def start_process(self, ns: str, *cmd: str, ready: str) -> subprocess.Popen[str]:
+        """A helper process inside ``ns`` (killed with the lab), once it printed ``ready``."""
+        proc = subprocess.Popen(
+            [*self.prefix(ns), *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if ready not in line:
+            raise AssertionError(f"{cmd[0]} in {ns} did not start: {line}{proc.stdout.read()}")
+        return proc
 
     def spawn(self, ns: str, *args: str, join: Daemon | None = None) -> Daemon:
         extra = ["--join", join.join_addr] if join is not None else []
@@ -100,6 +113,9 @@ class NetLab:
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.kill()
+        for proc in self.processes:
+            proc.kill()
+            proc.wait(10)
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()  # the lab's holder exits; its namespaces go with it

@@ -9,12 +9,13 @@ and bulk traffic, and training still includes every node).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemons import Daemon, wait_until
+from tests.daemons import REPO, Daemon, wait_until
 from tests.netlab import PORT, NetLab, netlab, router_public_ip
 
 pytestmark = [pytest.mark.slow, pytest.mark.netlab]
@@ -147,6 +148,36 @@ def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: P
             assert "symmetric" in check["advice"]
             text = hc.cli("netcheck", check=True).stdout
             assert "reachability  private" in text and "forward TCP port" in text
+        except AssertionError:
+            explain(lab)
+            raise
+
+
+def test_upnp_port_mapping_makes_the_node_behind_the_router_public(tmp_path: Path) -> None:
+    """miniupnpd refuses to map while its external address is reserved (the lab's 203.0.113/24),
+    so the router runs tests/fake_igd.py: the same UPnP IGD calls, and a real DNAT rule."""
+    with netlab(tmp_path, "A:cone") as lab:
+        try:
+            igd = [sys.executable, str(REPO / "tests" / "fake_igd.py"), "10.0.1.1"]
+            lab.start_process("rA", *igd, router_public_ip("hA"), "wan", ready="igd ready")
+            relay, pub, (ha,) = start(lab, ["hA"])
+            mapped = f"{router_public_ip('hA')}:{PORT}"
+            wait_until(
+                lambda: ha.status()["nat"]["port_mapping"].get("external") == mapped,
+                30,
+                "the UPnP mapping of hA's listen port",
+            )
+            wait_until(lambda: ha.status()["reachability"] == "public", 30, "hA public")
+            check = json.loads(ha.cli("netcheck", "--json", check=True).stdout)
+            assert check["port_mapping"]["ok"] and check["port_mapping"]["method"] == "upnp"
+            assert all(d["ok"] for d in check["dialbacks"]) and len(check["dialbacks"]) >= 2
+            assert "port mapping" in check["advice"]
+            # Members learn the mapped address from hA's presence record.
+            want = f"/ip4/{router_public_ip('hA')}/tcp/{PORT}"
+            assert want in peer_entry(relay, ha)["addrs"]
+            wait_until(  # public: no relay needed
+                lambda: ha.status()["nat"]["reservations"] == [], 10, "hA to drop its relays"
+            )
         except AssertionError:
             explain(lab)
             raise
