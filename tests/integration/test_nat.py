@@ -160,7 +160,7 @@ def test_upnp_port_mapping_makes_the_node_behind_the_router_public(tmp_path: Pat
         try:
             igd = [sys.executable, str(REPO / "tests" / "fake_igd.py"), "10.0.1.1"]
             lab.start_process("rA", *igd, router_public_ip("hA"), "wan", ready="igd ready")
-            relay, pub, (ha,) = start(lab, ["hA"])
+            relay, _pub, (ha,) = start(lab, ["hA"])
             mapped = f"{router_public_ip('hA')}:{PORT}"
             wait_until(
                 lambda: ha.status()["nat"]["port_mapping"].get("external") == mapped,
