@@ -100,11 +100,13 @@ class NetLab:
             raise AssertionError(f"{cmd[0]} in {ns} did not start: {line}{proc.stdout.read()}")
         return proc
 
-    def spawn(self, ns: str, *args: str, join: Daemon | None = None) -> Daemon:
+    def spawn(
+        self, ns: str, *args: str, join: Daemon | None = None, port: int = PORT, home: str = ""
+    ) -> Daemon:
         extra = ["--join", join.join_addr] if join is not None else []
         daemon = Daemon(
-            self.tmp / ns,
-            ["--listen", f"/ip4/{host_ip(ns)}/tcp/{PORT}", *FAST, *NAT_FAST, *extra, *args],
+            self.tmp / (home or ns),
+            ["--listen", f"/ip4/{host_ip(ns)}/tcp/{port}", *FAST, *NAT_FAST, *extra, *args],
             prefix=self.prefix(ns),
         )
         self.daemons.append(daemon)
