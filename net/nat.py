@@ -40,7 +40,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from net.holepunch import HolePuncher, HolePunchSettings
 from net.host import connection_info
 from net.links import ControlLinks
-from net.portmap import PortMapping, map_port
+from net.portmap import PortMapping, map_port, unmap_port
 from net.relay import RelayError, RelayService, RelaySettings, circuit_addr, parse_circuit_addr
 from protocols.nat import (
     PUBLIC,
@@ -129,11 +129,13 @@ class NatService:
         self.port_mapping = PortMapping(False, method="none", reason="not tried")
         self._nursery: trio.Nursery | None = None
         self._probe_slots = trio.Semaphore(settings.max_probe_connections)
+        self._dialing_back: set[str] = set()
         self.relay = RelayService(
             host,
             protocol,
             settings.relay,
             enabled=self._relaying,
+            serves=lambda peer: peer in set(self.members()),
             accept_from=lambda relay: relay in self.state.reservations,
             on_inbound_circuit=self._on_inbound_circuit,
         )
@@ -272,6 +274,9 @@ class NatService:
         try:
             if kind == "nat.probe":
                 nonce, port = parse_probe(message)
+                if sender in self._dialing_back:  # one dial-back per member at a time
+                    raise NatMessageError("a dial-back for this member is already running")
+                self._dialing_back.add(sender)
                 self._start(self._dial_back, sender, nonce, port)
             elif kind == "nat.probe_result":
                 self._on_probe_result(sender, message)
@@ -281,6 +286,12 @@ class NatService:
             log.warning("rejected %s from %s: %s", str(kind)[:40], sender, exc)
 
     async def _dial_back(self, peer: str, nonce: int, port: int) -> None:
+        try:
+            await self._dial_back_once(peer, nonce, port)
+        finally:
+            self._dialing_back.discard(peer)
+
+    async def _dial_back_once(self, peer: str, nonce: int, port: int) -> None:
         seen = self._direct_addr(peer)
         if seen is None:
             log.debug("dial-back for %s skipped: no direct connection to observe", peer)
@@ -452,6 +463,11 @@ class NatService:
             if "/p2p-circuit" not in addr and addr.startswith("/ip4/"):
                 return addr.split("/p2p/")[0]
         return None
+
+    async def leave(self) -> None:
+        """On a graceful stop: give the router's port back."""
+        if self.port_mapping.ok:
+            await unmap_port(self.port_mapping.external_port, self.settings.port_mapping_timeout_s)
 
     def forget(self, peer: str) -> None:
         self.reachability.forget(peer)

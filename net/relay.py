@@ -121,7 +121,8 @@ class RelayCounters:
 class RelayService:
     """Both ends of the relay protocol for one host.
 
-    ``enabled()`` says whether this node serves as a relay now (the daemon: when it is public);
+    ``enabled()`` says whether this node serves as a relay now (the daemon: when it is public),
+    ``serves(peer)`` whether for that peer (the daemon: members of its swarm only);
     ``accept_from(relay)`` whether an incoming circuit through ``relay`` is wanted (we hold a
     reservation there). ``on_circuit(peer, conn)`` runs when a relayed connection is up.
     """
@@ -132,6 +133,7 @@ class RelayService:
         swarm_protocol: Callable[[str], str],
         settings: RelaySettings,
         enabled: Callable[[], bool],
+        serves: Callable[[str], bool],
         accept_from: Callable[[str], bool],
         on_inbound_circuit: Callable[[str], None],
     ) -> None:
@@ -142,6 +144,7 @@ class RelayService:
         self.book = RelayBook(settings.limits)
         self.counters = RelayCounters()
         self.enabled = enabled
+        self.serves = serves
         self.accept_from = accept_from
         self.on_inbound_circuit = on_inbound_circuit
         host.set_stream_handler(self.hop_protocol, self._serve_hop)
@@ -157,6 +160,8 @@ class RelayService:
             kind = request.get("t")
             if not self.enabled():
                 await self._answer(stream, Decision(False, "this node is not a relay now"))
+            elif not self.serves(client):
+                await self._answer(stream, Decision(False, "this relay serves swarm members only"))
             elif kind == "relay.reserve":
                 now = time.monotonic()
                 decision = self.book.reserve(client, now)

@@ -440,6 +440,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for peer_id, message in self.membership.leave(time.time()):
                     nursery.start_soon(self.links.send, peer_id, message)
+                nursery.start_soon(self.nat.leave)
         log.info("left swarm %r", self.config.swarm)
 
     # ------------------------------------------------------------------ DHT

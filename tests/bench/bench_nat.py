@@ -143,8 +143,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lab = NetLab(Path(tmp), "A:cone B:cone C:symmetric")
         try:
-            relay = lab.spawn("relay").wait_ready()
-            pub = lab.spawn("pub", join=relay).wait_ready()
+            # Two public nodes alone have one dial-back each: let one answer decide for them,
+            # so every trial starts with working relays.
+            relay = lab.spawn("relay", "--reachability-min-answers", "1").wait_ready()
+            pub = lab.spawn("pub", "--reachability-min-answers", "1", join=relay).wait_ready()
             wait_until(lambda: relay.status()["reachability"] == "public", 30, "relay public")
             wait_until(lambda: pub.status()["reachability"] == "public", 30, "pub public")
             cc = [trial_cone_cone(lab, relay, i) for i in range(args.trials)]

@@ -42,6 +42,7 @@ def service(limits: RelayLimits) -> RelayService:
         lambda name: f"/shoal/test/{name}/1.0.0",
         RelaySettings(limits=limits),
         enabled=lambda: True,
+        serves=lambda peer: True,
         accept_from=lambda relay: True,
         on_inbound_circuit=lambda peer: None,
     )
