@@ -183,8 +183,8 @@ class RelayService:
 
     async def _linger(self, stream: INetStream) -> None:
         """Let the client read our answer and close first: a reset could overtake the answer."""
-        with trio.move_on_after(self.settings.handshake_timeout_s):
-            while await stream.read(SPLICE_CHUNK_BYTES):
+        with trio.move_on_after(self.settings.handshake_timeout_s), contextlib.suppress(Exception):
+            while await stream.read(SPLICE_CHUNK_BYTES):  # EOF or a reset: the client is done
                 pass
 
     async def _answer(
@@ -272,12 +272,12 @@ class RelayService:
         try:
             with trio.fail_after(self.settings.handshake_timeout_s):
                 src = parse_peer_field(await read_frame(stream), "relay.stop")
-                if not self.accept_from(relay):
-                    await write_frame(
-                        stream, status_message(Decision(False, "no reservation with this relay"))
-                    )
-                    raise RelayError(f"circuit through {relay}, where we hold no reservation")
-                await write_frame(stream, status_message(Decision(True)))
+                accepted = self.accept_from(relay)
+                reason = "" if accepted else "no reservation with this relay"
+                await write_frame(stream, status_message(Decision(accepted, reason)))
+            if not accepted:
+                await self._linger(stream)
+                raise RelayError(f"circuit through {relay}, where we hold no reservation")
             conn = CircuitConnection(stream, False, circuit_addr(self._relay_addr(relay), relay))
             muxed = await self.host.upgrade_inbound_connection(conn, conn.circuit_addr)
             if str(muxed.peer_id) != src:
