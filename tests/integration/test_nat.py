@@ -54,7 +54,14 @@ def start(lab: NetLab, natted: list[str]) -> tuple[Daemon, Daemon, list[Daemon]]
 def explain(lab: NetLab) -> None:
     for daemon in lab.daemons:
         print("=====", daemon.home.name)
-        print("\n".join(x for x in daemon.lines if "shoal.net" in x or "ERROR" in x)[-4000:])
+        if daemon.alive:
+            status = daemon.status()
+            print(status["nat"], status["allreduce"] and status["allreduce"]["last"])
+            for peer in status["peers"]:
+                print("  ", peer["peer_id"][-6:], peer["connection"], peer["bulk"])
+        wanted = ("shoal.net", "ERROR", "allreduce", "cannot")
+        lines = [x for x in daemon.lines if any(w in x for w in wanted) and "skipped" not in x]
+        print("\n".join(lines)[-6000:])
 
 
 def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> None:
