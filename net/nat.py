@@ -176,15 +176,18 @@ class NatService:
 
     async def _keep_port_mapping(self, port: int) -> None:
         """Map the listen port on a UPnP gateway; renew at half the lease; retry rarely."""
+        failures = 0
         while True:
             self.port_mapping = await map_port(
                 port, self.settings.port_mapping_lease_s, self.settings.port_mapping_timeout_s
             )
             if self.port_mapping.ok:
+                failures = 0
                 self.state.last_probe.clear()  # reachability may have changed: ask again
                 await trio.sleep(self.settings.port_mapping_lease_s / 2)
-            else:
-                await trio.sleep(10 * self.settings.probe_interval_s)
+            else:  # once more soon (a gateway slow to answer), then rarely
+                failures += 1
+                await trio.sleep(self.settings.probe_interval_s * (1 if failures == 1 else 10))
 
     def verdict(self) -> str:
         return self.reachability.verdict(time.monotonic())
