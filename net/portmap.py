@@ -75,7 +75,9 @@ def _map_blocking(internal_port: int, lease_s: int, discover_ms: int) -> PortMap
 
 async def map_port(internal_port: int, lease_s: int, timeout_s: float) -> PortMapping:
     """Map TCP ``internal_port`` on the UPnP gateway; never raises."""
-    discover_ms = max(200, min(2000, int(timeout_s * 1000) // 2))  # miniupnpc's default: 2 s
+    # miniupnpc waits this long per device type it searches for (several): a quarter of the
+    # budget each, at most its own default of 2 s.
+    discover_ms = max(200, min(2000, int(timeout_s * 1000) // 4))
     with trio.move_on_after(timeout_s):
         # trio-stubs (via trio_typing) still say "cancellable"; trio 0.35 says abandon_on_cancel.
         mapping = functools.partial(_map_blocking, internal_port, lease_s, discover_ms)
