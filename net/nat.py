@@ -498,6 +498,8 @@ class NatService:
             "bytes_relayed": self.relay.counters.bytes_relayed,
             "relay_circuits_total": self.relay.book.circuits_total,
             "circuits": sorted(list(ends) for ends in self.relay.book.circuits.values()),
+            "relay_reserved": sorted(self.relay.book.reservations),
+            "relay_renewals": self.relay.book.renewals,
             "holepunch": {
                 "attempts": self.puncher.stats.attempts,
                 "succeeded": self.puncher.stats.succeeded,

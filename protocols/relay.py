@@ -55,6 +55,7 @@ class RelayBook:
     reservations: dict[str, float] = field(default_factory=dict)  # peer -> expires at
     circuits: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (src, dst)
     circuits_total: int = 0
+    renewals: int = 0
     refused: int = 0
     _next_id: int = 0
 
@@ -68,6 +69,7 @@ class RelayBook:
         if peer not in self.reservations and len(self.reservations) >= self.limits.max_reservations:
             self.refused += 1
             return Decision(False, f"relay full: {self.limits.max_reservations} reservations held")
+        self.renewals += peer in self.reservations
         self.reservations[peer] = now + self.limits.reservation_ttl_s
         return Decision(True)
 

@@ -39,9 +39,9 @@ def relayed_bytes(nodes: list[Daemon]) -> int:
     return sum(n.status()["nat"]["bytes_relayed"] for n in nodes)
 
 
-def start(lab: NetLab, natted: list[str]) -> tuple[Daemon, Daemon, list[Daemon]]:
-    relay = lab.spawn("relay").wait_ready()
-    pub = lab.spawn("pub", join=relay)
+def start(lab: NetLab, natted: list[str], *public_args: str) -> tuple[Daemon, Daemon, list[Daemon]]:
+    relay = lab.spawn("relay", *public_args).wait_ready()
+    pub = lab.spawn("pub", *public_args, join=relay)
     hosts = [lab.spawn(ns, *CHECK, join=relay) for ns in natted]
     for daemon in (pub, *hosts):
         daemon.wait_ready()
@@ -127,7 +127,10 @@ def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> 
 def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: Path) -> None:
     with netlab(tmp_path, "A:cone C:symmetric D:symmetric") as lab:
         try:
-            relay, pub, (ha, hc, hd) = start(lab, ["hA", "hC", "hD"])
+            # Short reservations: they must be renewed (at half their life) to stay.
+            relay, pub, (ha, hc, hd) = start(
+                lab, ["hA", "hC", "hD"], "--relay-reservation-ttl-s", "3"
+            )
             for node in (ha, hc, hd):
                 wait_until(lambda n=node: n.status()["reachability"] == "private", 30, "private")
             # cone + symmetric and symmetric + symmetric: connected through a relay.
@@ -146,6 +149,15 @@ def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: P
             wait_until(lambda: rounds_with(hc, trio_ids) >= 2, 120, "rounds with all three")
             assert relayed_bytes([relay, pub]) > before
             assert peer_entry(hc, hd)["bulk"] == "libp2p"
+            # Every private node still holds its slots, renewed several times over.
+            natted = sorted(d.peer_id for d in (ha, hc, hd))
+            for node in (relay, pub):
+                wait_until(
+                    lambda n=node: n.status()["nat"]["relay_renewals"] >= 2 * len(natted),
+                    30,
+                    "renewed reservations",
+                )
+                assert node.status()["nat"]["relay_reserved"] == natted
             # Punching was tried and failed, as it must behind symmetric NATs.
             stats = hd.status()["nat"]["holepunch"]
             assert stats["succeeded"] == 0

@@ -107,6 +107,7 @@ def test_relay_reservations_are_limited_and_renewals_always_pass() -> None:
     refused = book.reserve(P2, 1)
     assert not refused.ok and "full" in refused.reason
     assert book.reserve(P1, 5).ok  # renewal
+    assert book.renewals == 1
     assert book.has_reservation(P1, 14) and not book.has_reservation(P1, 15.1)
     assert book.reserve(P2, 16).ok  # P1 expired: room again
 
