@@ -97,6 +97,7 @@ class NatState:
     last_probe: dict[str, float] = field(default_factory=dict)
     probe_ports: dict[str, int] = field(default_factory=dict)
     relay_rtt_ms: dict[str, float] = field(default_factory=dict)
+    reserving: set[str] = field(default_factory=set)  # reservation requests in flight
 
 
 class NatService:
@@ -240,7 +241,7 @@ class NatService:
         held = self.state.reservations
         renew_at = self.settings.relay.limits.reservation_ttl_s / 2
         for relay, reservation in list(held.items()):
-            if reservation.expires_at - now < renew_at:
+            if reservation.expires_at - now < renew_at and relay not in self.state.reserving:
                 self._start(self._reserve, relay)
         if len(held) >= self.settings.reservations:
             return
@@ -250,10 +251,19 @@ class NatService:
             if p not in held and self._has_direct(p) and self.state.refused_relays.get(p, 0) <= now
         ]
         for relay in candidates[: self.settings.reservations - len(held)]:
+            if relay in self.state.reserving:
+                continue
             self.state.refused_relays[relay] = now + self.settings.probe_interval_s  # one try
             self._start(self._reserve, relay)
 
     async def _reserve(self, relay: str) -> None:
+        self.state.reserving.add(relay)
+        try:
+            await self._reserve_once(relay)
+        finally:
+            self.state.reserving.discard(relay)
+
+    async def _reserve_once(self, relay: str) -> None:
         addr = self._direct_addr(relay)
         if addr is None:
             return
