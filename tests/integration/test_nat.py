@@ -200,3 +200,28 @@ def test_upnp_port_mapping_makes_the_node_behind_the_router_public(tmp_path: Pat
         except AssertionError:
             explain(lab)
             raise
+
+
+def test_killing_the_relay_in_use_moves_the_pair_to_the_other_relay(tmp_path: Path) -> None:
+    with netlab(tmp_path, "C:symmetric D:symmetric") as lab:
+        try:
+            relay, pub, (hc, hd) = start(lab, ["hC", "hD"])
+            pair_ids = {hc.peer_id, hd.peer_id}
+            wait_until(lambda: rounds_with(hc, pair_ids) >= 1, 90, "a round over a relay")
+            carrier = next(
+                n for n in (relay, pub) if sorted(pair_ids) in n.status()["nat"]["circuits"]
+            )
+            survivor = pub if carrier is relay else relay
+            carrier.kill()  # SIGKILL: the circuit and everything it carried are gone at once
+            done = rounds_with(hc, pair_ids)
+            wait_until(
+                lambda: sorted(pair_ids) in survivor.status()["nat"]["circuits"],
+                60,
+                "the pair's circuit through the surviving relay",
+            )
+            wait_until(lambda: rounds_with(hc, pair_ids) >= done + 2, 90, "rounds again")
+            assert peer_entry(hc, hd)["connection"] == "relayed"
+            assert all(survivor.peer_id in a for a in peer_entry(hc, hd)["remote_addrs"])
+        except AssertionError:
+            explain(lab)
+            raise
