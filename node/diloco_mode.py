@@ -143,6 +143,7 @@ class DiLoCoMode:
         self.round_started_drawn = 0
         self.shard = shard_of(node.peer_id, self.settings.shards)
         self.resumed_revision: int | None = None
+        self.initial_eval_loss: float | None = None
         self.state_hash = ""
         self.bytes_last_round = 0
         self.bytes_total = 0
@@ -194,6 +195,8 @@ class DiLoCoMode:
                     s.model,
                     exc,
                 )
+        if s.eval_every:  # the loss the training starts from, for the status and the demo
+            self.initial_eval_loss = worker.evaluate(self.heldout)
         self.worker = worker
         self.state_hash = worker.state_hash()
         log.info(
@@ -489,6 +492,7 @@ class DiLoCoMode:
             "inner_steps_per_round": self.settings.inner.inner_steps,
             "train_loss": None if metrics is None else metrics.train_loss,
             "eval_loss": None if metrics is None else metrics.eval_loss,
+            "initial_eval_loss": self.initial_eval_loss,
             "tokens_per_s": None if metrics is None else metrics.tokens_per_s,
             "tokens_total": None if metrics is None else metrics.tokens_total,
             "bytes_last_round": self.bytes_last_round,
