@@ -318,7 +318,8 @@ def _training_line(training: dict[str, Any] | None) -> str:
         f"in total; {training['rounds_completed']} rounds done, "
         f"{training['rounds_skipped']} skipped"
     )
-    text += f"\n          group {len(members)}: {' '.join(m[-8:] for m in members)}"
+    shown = " ".join(m[-8:] for m in members) or "-"
+    text += f"\n          last round's members ({len(members)}): {shown}"
     return text
 
 
