@@ -153,6 +153,7 @@ class DiLoCoMode:
         self.last_checkpoint: str | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROUNDS)
         self._published: SharedState | None = None
+        self._dropped = False  # the last round's inner steps hit a NaN/inf loss
 
     # ------------------------------------------------------------------ set-up (thread)
 
@@ -223,19 +224,31 @@ class DiLoCoMode:
         self.node.group = group
         async with trio.open_nursery() as nursery:
             nursery.start_soon(group.run)
-            while True:
-                self.phase = "joining"
-                await group.wait_member()
-                joined = await self._adopt_group_state(group)
-                if joined is None:
-                    return  # the swarm trains another model: logged, the node stays up
-                if self.settings.overlapped:
-                    await self._overlapped_rounds(group, joined)
-                else:
-                    await self._rounds(group)
-                log.info("DiLoCo: rounds keep being skipped; joining the group again")
-                self._publish(group)
-                group.request_rejoin()
+            try:
+                await self._train(group)
+            except Exception as exc:  # a bug or a torch error: say so, keep the node up
+                self.phase, self.error = "error", f"{type(exc).__name__}: {exc}"
+                log.exception("DiLoCo training stopped")
+            # this node no longer takes part in rounds: leave the group (the node stays up)
+            self.node.group = None
+            nursery.cancel_scope.cancel()
+
+    async def _train(self, group: AllReduceGroup) -> None:
+        """Join, train, and join again whenever the group went on without this node; returns
+        only when this node cannot train with the group (the reason is in ``self.error``)."""
+        while True:
+            self.phase = "joining"
+            await group.wait_member()
+            joined = await self._adopt_group_state(group)
+            if joined is None:
+                return
+            if self.settings.overlapped:
+                await self._overlapped_rounds(group, joined)
+            else:
+                await self._rounds(group)
+            log.info("DiLoCo: rounds keep being skipped; joining the group again")
+            self._publish(group)
+            group.request_rejoin()
 
     def _require_worker(self) -> DiLoCoWorker:
         assert self.worker is not None
@@ -280,6 +293,7 @@ class DiLoCoMode:
             grad: PseudoGradient = start()
         except InnerLossNotFiniteError as exc:
             log.warning("DiLoCo: %s; this round contributes nothing", exc)
+            self._dropped = True
             zero = torch.zeros(worker.layout.numel, dtype=torch.float32)
             return PseudoGradient(worker.revision, worker.revision, zero, 0, 0)
         return grad
@@ -360,36 +374,41 @@ class DiLoCoMode:
     async def _overlapped_rounds(self, group: AllReduceGroup, joined: bool) -> None:
         """One-round-delayed outer updates (see the module doc); returns to rejoin."""
         worker = self._require_worker()
-        rounds = OverlappedRounds(worker, in_flight=worker.revision if joined else None)
-        pending: PseudoGradient | None = None
+        rounds, pending = OverlappedRounds(worker), None
         if joined:  # take part in the round in flight with nothing to add
-            zero = torch.zeros(worker.layout.numel, dtype=torch.float32)
-            pending = PseudoGradient(worker.revision, worker.revision, zero, 0, 0)
+            rounds, pending = self._in_flight_restart()
         skipped_in_a_row = 0
         while True:
             started = time.monotonic()
             self.phase = "inner+allreduce" if pending is not None else "inner"
+            self._dropped = False
             fresh, result = await self._train_while_reducing(group, rounds, pending)
-            if pending is None:
-                pending = fresh
-                continue
-            outcome = result.outcome
-            if isinstance(outcome, Completed) or self._alone(group):
+            if pending is not None:
+                outcome = result.outcome
+                if not (isinstance(outcome, Completed) or self._alone(group)):
+                    # skipped with others around: drop both rounds' work, take the group's state
+                    skipped_in_a_row += 1
+                    self._record(outcome, pending, started)
+                    if self._left_behind(group, skipped_in_a_row):
+                        return
+                    await self._resync(group)
+                    self._publish(group)
+                    rounds, pending = self._in_flight_restart()
+                    continue
                 skipped_in_a_row = 0 if isinstance(outcome, Completed) else skipped_in_a_row
                 await trio.to_thread.run_sync(rounds.apply, pending.round_index, pending.buffer)
                 await self._after_round(group, outcome, pending, started)
-                pending = fresh
-                continue
-            # skipped with others around: drop both rounds' work, take the group's state
-            skipped_in_a_row += 1
-            self._record(outcome, pending, started)
-            if self._left_behind(group, skipped_in_a_row):
-                return
-            await self._resync(group)
-            self._publish(group)
-            rounds = OverlappedRounds(worker, in_flight=worker.revision)
-            zero = torch.zeros(worker.layout.numel, dtype=torch.float32)
-            pending = PseudoGradient(worker.revision, worker.revision, zero, 0, 0)
+            pending = fresh
+            if self._dropped:  # the fresh round hit a NaN loss: it never became outstanding
+                rounds, pending = self._in_flight_restart()
+
+    def _in_flight_restart(self) -> tuple[OverlappedRounds, PseudoGradient]:
+        """Bookkeeping for a node that takes part in the round in flight with nothing to add
+        (weight 0) and applies its average with the others."""
+        worker = self._require_worker()
+        zero = torch.zeros(worker.layout.numel, dtype=torch.float32)
+        rounds = OverlappedRounds(worker, in_flight=worker.revision)
+        return rounds, PseudoGradient(worker.revision, worker.revision, zero, 0, 0)
 
     async def _train_while_reducing(
         self, group: AllReduceGroup, rounds: OverlappedRounds, pending: PseudoGradient | None
@@ -415,8 +434,9 @@ class DiLoCoMode:
         self.state_hash = await trio.to_thread.run_sync(worker.state_hash)
         s = self.settings
         eval_loss = None
-        # in the overlapped schedule the next round is training on the model: no eval then
-        if s.eval_every and worker.revision % s.eval_every == 0 and not s.overlapped:
+        # no inner steps run now (also in the overlapped schedule: the next round's pseudo-
+        # gradient is already taken), so the model may hold theta for the eval
+        if s.eval_every and worker.revision % s.eval_every == 0:
             self.phase = "eval"
             eval_loss = await trio.to_thread.run_sync(worker.evaluate, self.heldout)
         if s.checkpoint_every and worker.revision % s.checkpoint_every == 0:
