@@ -51,6 +51,7 @@ from trainer.diloco import (
     DiLoCoSettings,
     DiLoCoWorker,
     InnerLossNotFiniteError,
+    OuterUpdateError,
     OverlappedRounds,
     PseudoGradient,
     SharedStateError,
@@ -368,8 +369,16 @@ class DiLoCoMode:
                 await self._resync(group)
             await self._after_round(group, outcome, grad, started)
 
-    def _apply(self, grad: PseudoGradient, round_index: int) -> None:
-        self._require_worker().apply_outer(grad.buffer, round_index=round_index)
+    def _apply(self, grad: PseudoGradient, round_index: int) -> bool:
+        """The outer step with an averaged pseudo-gradient (thread). An average with NaN/inf
+        (an fp16 overflow, say) is refused by every member alike, since all hold the same
+        bytes: logged, and the round is lost for all."""
+        try:
+            self._require_worker().apply_outer(grad.buffer, round_index=round_index)
+        except OuterUpdateError as exc:
+            log.warning("DiLoCo: round %d's average refused: %s", round_index, exc)
+            return False
+        return True
 
     async def _overlapped_rounds(self, group: AllReduceGroup, joined: bool) -> None:
         """One-round-delayed outer updates (see the module doc); returns to rejoin."""
@@ -396,7 +405,13 @@ class DiLoCoMode:
                     rounds, pending = self._in_flight_restart()
                     continue
                 skipped_in_a_row = 0 if isinstance(outcome, Completed) else skipped_in_a_row
-                await trio.to_thread.run_sync(rounds.apply, pending.round_index, pending.buffer)
+                try:
+                    await trio.to_thread.run_sync(rounds.apply, pending.round_index, pending.buffer)
+                except OuterUpdateError as exc:  # the same bytes everywhere: refused by all
+                    log.warning("DiLoCo: round %d's average refused: %s", pending.round_index, exc)
+                    self._publish(group)
+                    rounds, pending = self._in_flight_restart()
+                    continue
                 await self._after_round(group, outcome, pending, started)
             pending = fresh
             if self._dropped:  # the fresh round hit a NaN loss: it never became outstanding

@@ -174,6 +174,19 @@ def test_overlapped_rounds_keep_the_global_params_identical(tmp_path: Path) -> N
             assert evals[-1] < t["initial_eval_loss"] - 0.5, (t["initial_eval_loss"], evals)
 
 
+def test_a_time_budget_ends_rounds_and_members_weigh_in_by_their_tokens(tmp_path: Path) -> None:
+    # H far beyond what fits in 2 s: every round ends on the clock, after however many steps
+    # each node managed; the all-reduce weighs each pseudo-gradient by its tokens
+    budget = ["--diloco-inner-steps", "10000", "--diloco-round-time-s", "2"]
+    with swarm_of(tmp_path) as spawn:
+        nodes = start_swarm(spawn, 2, *budget)
+        wait_for(nodes, lambda: rounds_with(nodes, 3), 150, "3 timed rounds of both")
+        assert len(assert_same_global_params(nodes)) >= 3
+        for node in nodes:
+            steps = [e["inner_steps"] for e in completed(node).values()]
+            assert all(1 <= s < 10000 for s in steps), steps
+
+
 def test_a_missing_data_folder_is_reported_and_the_node_keeps_running(tmp_path: Path) -> None:
     with swarm_of(tmp_path) as spawn:
         node = spawn("bad", *TRAIN, "--diloco-data", str(tmp_path / "no-such-folder"))
