@@ -260,7 +260,11 @@ class DiLoCoMode:
         it cannot be loaded (another model)."""
         state = group.state
         if state is self._published and state.bytes_fetched == 0:
-            return False
+            if self._alone(group):
+                return False
+            changed = await self._resync(group)  # the newcomer fetch failed: vote again
+            self._publish(group)
+            return changed
         worker = self._require_worker()
         try:
             await trio.to_thread.run_sync(
@@ -328,8 +332,9 @@ class DiLoCoMode:
             or skipped_in_a_row >= group.settings.rejoin_after_skips
         )
 
-    async def _resync(self, group: AllReduceGroup) -> None:
-        """After a skipped round with others around: take the group's most popular state."""
+    async def _resync(self, group: AllReduceGroup) -> bool:
+        """After a skipped round with others around: take the group's most popular state;
+        True if this node's state changed."""
         worker = self._require_worker()
         self.phase = "syncing"
         tensors, revision = worker.snapshot_shared_state()
@@ -337,13 +342,15 @@ class DiLoCoMode:
             fetched = await group.sync_shared_state(tensors, revision)
         except Exception as exc:  # no answer, a bad donor: train on and vote again next time
             log.warning("DiLoCo: shared-state sync failed: %s", exc)
-            return
+            return False
         if fetched or group.state.revision != revision:
             new_revision = group.state.revision
             await trio.to_thread.run_sync(
                 lambda: worker.load_shared_state(tensors, revision=new_revision)
             )
             log.info("DiLoCo: synced to the group's state at revision %d", new_revision)
+            return True
+        return False
 
     async def _rounds(self, group: AllReduceGroup) -> None:
         """The synchronous schedule; returns when this node should join the group again."""
