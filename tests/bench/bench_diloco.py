@@ -37,6 +37,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from protocols.allreduce import Completed
+from protocols.codec import Compression
 from protocols.simnet import SimSwarm
 from trainer.data import (
     CorpusSettings,
@@ -86,10 +87,17 @@ class Ring:
             runner.transport = counter
             self.counters[peer] = counter
 
-    async def mean(self, buffers: list[torch.Tensor], weights: list[float]) -> None:
+    async def mean(
+        self,
+        buffers: list[torch.Tensor],
+        weights: list[float],
+        compression: Compression = Compression.NONE,
+    ) -> None:
         """In place: every buffer becomes the weighted mean (bit-identical everywhere)."""
         inputs = {p: {"x": b} for p, b in zip(PEERS, buffers, strict=True)}
-        results = await self.swarm.allreduce_all(inputs, dict(zip(PEERS, weights, strict=True)))
+        results = await self.swarm.allreduce_all(
+            inputs, dict(zip(PEERS, weights, strict=True)), compression
+        )
         for peer in PEERS:
             if not isinstance(results[peer].outcome, Completed):
                 raise RuntimeError(f"{peer}: round not completed: {results[peer].outcome}")
@@ -127,7 +135,11 @@ async def run_diloco(
     for _ in range(args.steps // args.inner_steps):
         grads = [w.train_round() for w in workers]
         tokens += sum(g.tokens for g in grads)
-        await ring.mean([g.buffer for g in grads], [float(g.tokens) for g in grads])
+        await ring.mean(
+            [g.buffer for g in grads],
+            [float(g.tokens) for g in grads],
+            Compression(args.diloco_compression),
+        )
         for w, g in zip(workers, grads, strict=True):
             w.apply_outer(g.buffer, round_index=w.revision)
         hashes = {w.state_hash() for w in workers}
@@ -263,6 +275,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         f"tiny ({config.parameter_count():,} params), {WORKERS} workers, "
         f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each; "
         f"DiLoCo H={args.inner_steps}"
+        + ("" if args.diloco_compression == "none" else f" ({args.diloco_compression})")
     )
     png = plot(Path(args.png), curves, title)
     return {
@@ -272,6 +285,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "workers": WORKERS,
         "steps_per_worker": args.steps,
         "inner_steps": args.inner_steps,
+        "diloco_compression": args.diloco_compression,
         "batch": args.batch,
         "tokens_total": WORKERS * args.steps * args.batch * config.context_tokens,
         "diloco_eval_loss": round(losses["diloco"], 4),
@@ -294,6 +308,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="inner steps per worker")
     parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--diloco-compression",
+        default="none",
+        choices=[c.value for c in Compression],
+        help="codec of DiLoCo's pseudo-gradients in the all-reduce (the baseline sends fp32)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (all three runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores)")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
