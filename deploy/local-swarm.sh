@@ -69,7 +69,7 @@ MSG
 if [ "$train" = diloco ]; then
     cat <<MSG
 The nodes train a tiny transformer with DiLoCo on Python's standard library: the "training"
-lines of 'shoal status' show the round, the train and eval loss (it starts near 5.5 and falls
+lines of 'shoal status' show the round, the train and eval loss (it starts near 5 and falls
 within a few minutes), tokens/s and the bytes each round sent. Per-round history:
     $shoal status --home $root/node0 --json
 MSG

@@ -57,7 +57,8 @@ VERSION = "0.1.0"
 
 # Training modes (config key ``train``): module and class, imported only when chosen (torch).
 # A mode is built as ``cls(node)``, runs as ``await mode.run()`` in the node's nursery, and
-# ``mode.status()`` is the ``training`` section of ``shoal status``.
+# ``mode.status()`` is the ``training`` section of ``shoal status``; ``mode.request_stop()``
+# (called when the node starts leaving) ends its torch work early.
 TRAIN_MODES: dict[str, tuple[str, str]] = {
     "diloco": ("node.diloco_mode", "DiLoCoMode"),
 }
@@ -186,6 +187,8 @@ class Node:
             if self.on_ready is not None:
                 self.on_ready(self)
             await self._stop.wait()
+            if self.train_mode is not None:
+                self.train_mode.request_stop()
             await self._leave()
             nursery.cancel_scope.cancel()
 

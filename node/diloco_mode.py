@@ -31,6 +31,7 @@ newest one (and, when the swarm is ahead, the newcomer sync replaces it with the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zlib
 from collections import deque
@@ -114,17 +115,26 @@ def shard_of(peer_id: str, shards: int) -> int:
     return zlib.crc32(peer_id.encode()) % shards
 
 
+class StopTraining(Exception):
+    """The node is stopping: raised inside the inner steps at the next batch."""
+
+
 class _CountingBatches:
-    """Wraps the batch iterator so the event loop can see the inner step of a running round."""
+    """Wraps the batch iterator: the event loop sees the inner step of a running round, and
+    a stopping node ends the round's inner steps at the next batch (a torch step in a thread
+    cannot be cancelled; this makes a graceful stop wait one step, not a round)."""
 
     def __init__(self, inner: Iterator[Batch]) -> None:
         self.inner = inner
         self.drawn = 0
+        self.stop = threading.Event()
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
+        if self.stop.is_set():
+            raise StopTraining
         batch = next(self.inner)
         self.drawn += 1
         return batch
@@ -152,6 +162,7 @@ class DiLoCoMode:
         self.rounds_skipped = 0
         self.last_members: list[str] = []
         self.last_checkpoint: str | None = None
+        self.last_checkpoint_revision: int | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROUNDS)
         self._published: SharedState | None = None
         self._dropped = False  # the last round's inner steps hit a NaN/inf loss
@@ -227,9 +238,13 @@ class DiLoCoMode:
             nursery.start_soon(group.run)
             try:
                 await self._train(group)
+            except StopTraining:
+                log.info("DiLoCo: inner steps ended for the node's stop")
             except Exception as exc:  # a bug or a torch error: say so, keep the node up
                 self.phase, self.error = "error", f"{type(exc).__name__}: {exc}"
                 log.exception("DiLoCo training stopped")
+            finally:  # on a graceful stop too: keep the outer steps done since the last one
+                await self._final_checkpoint()
             # this node no longer takes part in rounds: leave the group (the node stays up)
             self.node.group = None
             nursery.cancel_scope.cancel()
@@ -250,6 +265,11 @@ class DiLoCoMode:
             log.info("DiLoCo: rounds keep being skipped; joining the group again")
             self._publish(group)
             group.request_rejoin()
+
+    def request_stop(self) -> None:
+        """The node is leaving: end the inner steps at the next batch (any thread)."""
+        if self.batches is not None:
+            self.batches.stop.set()
 
     def _require_worker(self) -> DiLoCoWorker:
         assert self.worker is not None
@@ -466,6 +486,15 @@ class DiLoCoMode:
             await trio.to_thread.run_sync(self._checkpoint)
         self._record(outcome, grad, started, eval_loss)
 
+    async def _final_checkpoint(self) -> None:
+        worker = self.worker
+        if not self.settings.checkpoint_every or worker is None or worker.revision == 0:
+            return
+        if self.last_checkpoint_revision == worker.revision:
+            return
+        with trio.CancelScope(shield=True):  # the node's stop cancels us: finish the write
+            await trio.to_thread.run_sync(self._checkpoint)
+
     def _checkpoint(self) -> None:
         tensors, revision = self._require_worker().snapshot_shared_state()
         try:
@@ -479,6 +508,7 @@ class DiLoCoMode:
             log.error("DiLoCo: checkpoint of revision %d failed: %s", revision, exc)
             return
         self.last_checkpoint = str(path)
+        self.last_checkpoint_revision = revision
 
     def _record(
         self,

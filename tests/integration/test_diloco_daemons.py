@@ -153,11 +153,17 @@ def test_a_restarted_node_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         alone.kill()  # SIGKILL: only what was written before survives
         saved = sorted((tmp_path / "solo" / "checkpoints").glob("state-*.safetensors"))
         newest = int(saved[-1].stem.split("-")[1])
+        # second life: no periodic checkpoint comes due, so one written is the stop's own
+        alone.args += ["--diloco-checkpoint-every", "1000"]
         alone.start().wait_ready()
         wait_until(lambda: training(alone)["history"], 60, "a round after the restart")
         t = training(alone)
         assert t["resumed_revision"] == newest
         assert t["history"][0]["revision"] == newest + 1
+        seen = t["revision"]
+        assert alone.terminate() == 0  # SIGTERM: graceful, without waiting for the round
+        saved = sorted((tmp_path / "solo" / "checkpoints").glob("state-*.safetensors"))
+        assert int(saved[-1].stem.split("-")[1]) >= seen > newest
 
 
 def test_overlapped_rounds_keep_the_global_params_identical(tmp_path: Path) -> None:
