@@ -87,6 +87,8 @@ def test_three_daemons_train_eval_loss_falls_and_global_params_match_every_round
         assert nodes[1].control("status", timeout_s=1.0)["training"]["phase"] == "inner"
         revisions = assert_same_global_params(nodes)
         assert len(revisions) >= 4
+        shown = nodes[0].cli("status").stdout  # what a user reads
+        assert "diloco tiny" in shown and "eval loss" in shown and "tokens/s" in shown
         for node in nodes:
             t = training(node)
             evals = [e["eval_loss"] for e in t["history"] if e["eval_loss"] is not None]
