@@ -102,6 +102,7 @@ def test_every_config_key_is_documented_in_the_readme_with_its_default() -> None
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         names = re.findall(r"`([a-z_0-9]+)`", cells[0])
-        if len(names) == 1 and isinstance(defaults.get(names[0]), int | float):
+        default = defaults.get(names[0]) if len(names) == 1 else None
+        if isinstance(default, int | float) and not isinstance(default, bool):
             stated = float(cells[1].replace("`", ""))
             assert stated == float(defaults[names[0]]), f"README default of {names[0]}: {cells[1]}"
