@@ -322,6 +322,37 @@ def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     return text
 
 
+def _number(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _training_line(training: dict[str, Any] | None) -> str:
+    if not training:
+        return "-"
+    if training.get("mode") != "diloco":
+        return json.dumps(training)
+    if training.get("error"):
+        return f"diloco: {training['phase']}: {training['error']}"
+    members = training.get("members") or []
+    text = (
+        f"diloco {training['model']} ({_number(training['params'], ',')} params), "
+        f"{training['phase']}: round {training['round']}, revision {training['revision']}, "
+        f"inner step {training['round_inner_step']}/{training['inner_steps_per_round']} "
+        f"({training['inner_step']} total)"
+    )
+    text += (
+        f"\n          train loss {_number(training['train_loss'], '.4f')}, "
+        f"eval loss {_number(training['eval_loss'], '.4f')}, "
+        f"{_number(training['tokens_per_s'], '.0f')} tokens/s; sent "
+        f"{_bytes(training['bytes_last_round'])} last round, {_bytes(training['bytes_total'])} "
+        f"in total; {training['rounds_completed']} rounds done, "
+        f"{training['rounds_skipped']} skipped"
+    )
+    shown = " ".join(m[-8:] for m in members) or "-"
+    text += f"\n          last round's members ({len(members)}): {shown}"
+    return text
+
+
 def format_status(status: dict[str, Any]) -> str:
     training = status.get("training")
     allreduce = status.get("allreduce")
@@ -331,7 +362,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"swarm     {status['swarm']}: {status['swarm_size']} members, "
         f"reachability {status['reachability']}",
         f"traffic   in {_bytes(status['bytes_in'])}, out {_bytes(status['bytes_out'])}",
-        f"training  {json.dumps(training) if training else '-'}",
+        f"training  {_training_line(training)}",
         f"allreduce {_allreduce_line(allreduce)}",
     ]
     lines += [f"address   {a}" for a in status["addrs"]]

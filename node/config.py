@@ -82,6 +82,24 @@ class NodeConfig:
     port_mapping: str = "auto"
     port_mapping_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
+    # training (see node/diloco_mode.py for what each DiLoCo key does)
+    train: str = "none"
+    diloco_model: str = "tiny"
+    diloco_seed: int = 0
+    diloco_inner_steps: int = 100
+    diloco_round_time_s: float = 0.0
+    diloco_inner_lr: float = 1e-3
+    diloco_outer_lr: float = 0.7
+    diloco_outer_momentum: float = 0.9
+    diloco_overlapped: bool = False
+    diloco_batch_size: int = 8
+    diloco_data: tuple[str, ...] = ()
+    diloco_corpus_bytes: int = 16 * 2**20
+    diloco_shards: int = 64
+    diloco_eval_every: int = 1
+    diloco_eval_batches: int = 8
+    diloco_checkpoint_every: int = 5
+    diloco_threads: int = 0
 
     @property
     def socket_path(self) -> Path:
@@ -122,6 +140,47 @@ def _positive_int(value: Any) -> int:
     if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
         raise ValueError
     return number
+
+
+def _non_negative_seconds(value: Any) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if not isinstance(number, bool) and isinstance(number, int | float) and number == 0:
+        return 0.0
+    return _positive_seconds(value)
+
+
+def _positive_number(value: Any) -> float:
+    return _positive_seconds(value)
+
+
+def _fraction(value: Any) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number < 1:
+        raise ValueError
+    return float(number)
+
+
+def _non_negative_int(value: Any) -> int:
+    number = int(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError
+    return number
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError
+    return text in ("true", "1", "yes", "on")
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise TypeError
+    return tuple(_text(item) for item in items)
 
 
 def _port(value: Any) -> int:
@@ -245,6 +304,27 @@ KEYS: dict[str, Key] = {
     "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
     "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
+    "train": Key(_choice("none", "diloco"), "one of: none, diloco"),
+    "diloco_model": Key(
+        _choice("tiny", "small", "base", "350m"), "a model size: tiny, small, base, 350m"
+    ),
+    "diloco_seed": Key(_non_negative_int, "an integer >= 0 (the same on every worker)"),
+    "diloco_inner_steps": Key(_positive_int, "a positive number of inner steps per round (H)"),
+    "diloco_round_time_s": Key(
+        _non_negative_seconds, "seconds of inner steps per round, 0 for no time budget"
+    ),
+    "diloco_inner_lr": Key(_positive_number, "a positive learning rate"),
+    "diloco_outer_lr": Key(_positive_number, "a positive learning rate"),
+    "diloco_outer_momentum": Key(_fraction, "a number in [0, 1)"),
+    "diloco_overlapped": Key(_flag, "true or false"),
+    "diloco_batch_size": Key(_positive_int, "a positive number of sequences per inner step"),
+    "diloco_data": Key(_paths, "text files or folders (comma-separated); empty = Python's stdlib"),
+    "diloco_corpus_bytes": Key(_positive_int, "a positive number of bytes of text to read"),
+    "diloco_shards": Key(_positive_int, "a positive number of shards of the train text"),
+    "diloco_eval_every": Key(_non_negative_int, "rounds between eval losses, 0 = never"),
+    "diloco_eval_batches": Key(_positive_int, "a positive number of held-out batches"),
+    "diloco_checkpoint_every": Key(_non_negative_int, "rounds between checkpoints, 0 = never"),
+    "diloco_threads": Key(_non_negative_int, "torch threads, 0 = torch's default"),
 }
 
 

@@ -10,6 +10,7 @@ The DHT (``/shoal/<swarm>/kad/1.0.0``) holds each member's signed record under
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -58,6 +59,14 @@ log = logging.getLogger("shoal.node")
 
 VERSION = "0.1.0"
 
+# Training modes (config key ``train``): module and class, imported only when chosen (torch).
+# A mode is built as ``cls(node)``, runs as ``await mode.run()`` in the node's nursery, and
+# ``mode.status()`` is the ``training`` section of ``shoal status``; ``mode.request_stop()``
+# (called when the node starts leaving) ends its torch work early.
+TRAIN_MODES: dict[str, tuple[str, str]] = {
+    "diloco": ("node.diloco_mode", "DiLoCoMode"),
+}
+
 
 class StartupError(RuntimeError):
     """The node cannot start (port in use, ...); the message says what to do."""
@@ -98,6 +107,7 @@ class Node:
         self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
+        self.train_mode: Any = None
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -182,13 +192,19 @@ class Node:
             nursery.start_soon(self._dht_loop)
             for addr in self.config.join:
                 nursery.start_soon(self._join, addr)
-            if self.config.allreduce_workload != "none":
+            if self.config.train != "none":
+                module, name = TRAIN_MODES[self.config.train]
+                self.train_mode = getattr(importlib.import_module(module), name)(self)
+                nursery.start_soon(self.train_mode.run)  # it starts the group it trains with
+            elif self.config.allreduce_workload != "none":
                 self.group = self._make_group()
                 nursery.start_soon(self.group.run)
             log.info("node %s ready in swarm %r at %s", self.peer_id, self.config.swarm, self.addrs)
             if self.on_ready is not None:
                 self.on_ready(self)
             await self._stop.wait()
+            if self.train_mode is not None:
+                self.train_mode.request_stop()
             await self._leave()
             nursery.cancel_scope.cancel()
 
@@ -215,7 +231,7 @@ class Node:
             c.bulk_setup_timeout_s,
         )
 
-    def _make_group(self) -> AllReduceGroup:
+    def _make_group(self, workload: str | None = None) -> AllReduceGroup:
         from node.collective import AllReduceGroup, GroupSettings, NetTransport
         from protocols.allreduce import AllReduceSettings
 
@@ -229,7 +245,7 @@ class Node:
             lambda peer, reason: self.group.on_peer_lost(peer) if self.group else None,
         )
         settings = GroupSettings(
-            workload=c.allreduce_workload,
+            workload=workload or c.allreduce_workload,
             check_elems=c.allreduce_check_elems,
             check_poison=c.allreduce_check_poison,
             compression=c.allreduce_compression,
@@ -630,7 +646,7 @@ class Node:
                 "frames": self.links.rejected_frames,
                 "dht": self.rejected_dht,
             },
-            "training": self.training,
+            "training": self.training if self.train_mode is None else self.train_mode.status(),
             "allreduce": None if self.group is None else self.group.status(),
         }
 
