@@ -3,6 +3,8 @@
 #   NODES=4            how many nodes
 #   BASE_PORT=4150     node i listens on BASE_PORT+i
 #   DEMO_SECONDS=      stop by itself after this many seconds (default: until Ctrl-C)
+#   TRAIN=diloco       training mode of every node (none: membership only)
+#   DILOCO_H=20        DiLoCo inner steps per round (tiny model, default corpus)
 #   SHOAL_ARGS=        extra flags for every `shoal start`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +12,13 @@ nodes=${NODES:-4}
 base=${BASE_PORT:-4150}
 root=${DEMO_ROOT:-.demo}
 shoal=.venv/bin/shoal
+train=${TRAIN:-diloco}
+train_args=()
+if [ "$train" != none ]; then
+    # one torch thread per node: several nodes share this machine's cores
+    train_args=(--train "$train" --diloco-model tiny --diloco-inner-steps "${DILOCO_H:-20}"
+        --diloco-threads 1)
+fi
 mkdir -p "$root"
 pids=()
 
@@ -23,8 +32,10 @@ trap stop_all INT TERM EXIT
 
 start_node() {  # $1 = index, $2 = join address or empty
     local home="$root/node$1" log="$root/node$1.log"
-    local args=(start --home "$home" --listen "/ip4/127.0.0.1/tcp/$((base + $1))" ${SHOAL_ARGS:-})
+    local args=(start --home "$home" --listen "/ip4/127.0.0.1/tcp/$((base + $1))"
+        ${train_args[@]+"${train_args[@]}"} ${SHOAL_ARGS:-})
     [ -n "$2" ] && args+=(--join "$2")
+    : >"$log"
     "$shoal" "${args[@]}" >"$log" 2>&1 &
     pids+=($!)
     for _ in $(seq 200); do
@@ -48,13 +59,21 @@ done
 cat <<MSG
 
 $nodes nodes are running (logs in $root/node*.log). Watch them from another terminal:
-    $shoal status --home $root/node0 --watch
+    $shoal status --watch --home $root/node0
     $shoal peers  --home $root/node1
     $shoal status --home $root/node2 --json
 Join this swarm from elsewhere on this machine:
     $shoal start --home /tmp/shoal-extra --listen /ip4/127.0.0.1/tcp/0 --join $join
 Ctrl-C stops the swarm.
 MSG
+if [ "$train" = diloco ]; then
+    cat <<MSG
+The nodes train a tiny transformer with DiLoCo on Python's standard library: the "training"
+lines of 'shoal status' show the round, the train and eval loss (it starts near 5 and falls
+within a few minutes), tokens/s and the bytes each round sent. Per-round history:
+    $shoal status --home $root/node0 --json
+MSG
+fi
 if [ -n "${DEMO_SECONDS:-}" ]; then
     sleep "$DEMO_SECONDS"
 else

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("id", "peer id and addresses"),
         ("status", "this node and the swarm"),
         ("peers", "one line per known peer"),
+        ("netcheck", "reachability, NAT mapping, port mapping, relays, and what to do"),
     ):
         cmd = sub.add_parser(name, help=help_text)
         _add_home(cmd)
@@ -213,6 +214,8 @@ def _client(args: argparse.Namespace, home: Path) -> int:
         print(format_status(result))
     elif args.command == "peers":
         print(format_peers(result))
+    elif args.command == "netcheck":
+        print(format_netcheck(result))
     else:
         print(result["peer_id"])
         for addr in result["addrs"]:
@@ -275,6 +278,33 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_netcheck(check: dict[str, Any]) -> str:
+    varies = check["mapping_varies_by_destination"]
+    mapping = check["port_mapping"]
+    lines = [
+        f"reachability  {check['reachability']}  (listening on {check['listen']})",
+        "nat mapping   "
+        + {True: "varies by destination (symmetric)", False: "same for every destination"}.get(
+            varies, "unknown (fewer than two members observed it)"
+        ),
+        f"port mapping  {mapping.get('method', 'none')}: "
+        + (f"mapped {mapping.get('external', '')}" if mapping.get("ok") else mapping["reason"]),
+        f"relay service {'on' if check['relay_service'] else 'off'}",
+    ]
+    lines += [
+        f"dial-back     {d['peer_id']}  {'reached' if d['ok'] else 'failed'}: {d['reason']}"
+        for d in check["dialbacks"]
+    ]
+    lines += [f"observed      {o['addr']}  by {o['peer_id']}" for o in check["observed"]]
+    lines += [
+        f"relay         {r['peer_id']}  {r['addr']}  rtt "
+        + ("-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms")
+        for r in check["relays"]
+    ]
+    lines.append(f"advice        {check['advice']}")
+    return "\n".join(lines)
+
+
 def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     if not allreduce:
         return "-"
@@ -292,11 +322,7 @@ def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     return text
 
 
-def _training_line(training: dict[str, Any] | None) -> str:
-    if not training:
-        return "-"
-    if training.get("mode") != "zo":
-        return json.dumps(training)
+def _zo_line(training: dict[str, Any]) -> str:
     loss = training.get("loss")
     join = training.get("join") or {}
     text = (
@@ -312,6 +338,39 @@ def _training_line(training: dict[str, Any] | None) -> str:
             f"{_bytes(join['snapshot_bytes'] + join['log_bytes'])} "
             f"(full state {_bytes(join['full_state_bytes'])})"
         )
+    return text
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _training_line(training: dict[str, Any] | None) -> str:
+    if not training:
+        return "-"
+    if training.get("mode") == "zo":
+        return _zo_line(training)
+    if training.get("mode") != "diloco":
+        return json.dumps(training)
+    if training.get("error"):
+        return f"diloco: {training['phase']}: {training['error']}"
+    members = training.get("members") or []
+    text = (
+        f"diloco {training['model']} ({_number(training['params'], ',')} params), "
+        f"{training['phase']}: round {training['round']}, revision {training['revision']}, "
+        f"inner step {training['round_inner_step']}/{training['inner_steps_per_round']} "
+        f"({training['inner_step']} total)"
+    )
+    text += (
+        f"\n          train loss {_number(training['train_loss'], '.4f')}, "
+        f"eval loss {_number(training['eval_loss'], '.4f')}, "
+        f"{_number(training['tokens_per_s'], '.0f')} tokens/s; sent "
+        f"{_bytes(training['bytes_last_round'])} last round, {_bytes(training['bytes_total'])} "
+        f"in total; {training['rounds_completed']} rounds done, "
+        f"{training['rounds_skipped']} skipped"
+    )
+    shown = " ".join(m[-8:] for m in members) or "-"
+    text += f"\n          last round's members ({len(members)}): {shown}"
     return text
 
 

@@ -181,6 +181,7 @@ class AllReduceGroup:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_ROUNDS)
         self.last: dict[str, Any] | None = None
         self._member = trio.Event()
+        self._rejoin = trio.Event()
 
     # -- driver side -------------------------------------------------------------------------
 
@@ -206,7 +207,8 @@ class AllReduceGroup:
         while True:
             await self._membership(contacts)
             self.phase = "waiting"
-            self._member = trio.Event()
+            if self._member.is_set():  # request_rejoin() may have made a fresh one already
+                self._member = trio.Event()
             log.info("fell out of all-reduce group %r; joining again", self.group)
             contacts = await self._find_group()
 
@@ -237,8 +239,9 @@ class AllReduceGroup:
             self._member.set()
             if self.settings.workload == "check":
                 await self._check_rounds()
-            else:
-                await trio.sleep_forever()
+            else:  # a caller drives the rounds (node.api, a training mode) until it asks to rejoin
+                await self._rejoin.wait()
+                self._rejoin = trio.Event()
             nursery.cancel_scope.cancel()
 
     async def _find_group(self) -> list[str]:
@@ -274,18 +277,40 @@ class AllReduceGroup:
         """Return once this node is a member of the group (founded or admitted)."""
         await self._member.wait()
 
+    def request_rejoin(self) -> None:
+        """Leave the current membership and join the group again as a newcomer (for a caller
+        whose rounds keep being skipped because the group went on without it). The newcomer's
+        sync installs the group's state in ``self.state``; ``wait_member`` waits for it."""
+        self.phase = "waiting"
+        self._member = trio.Event()
+        self._rejoin.set()
+
+    def publish_state(self, tensors: Mapping[str, torch.Tensor], revision: int) -> None:
+        """Serve ``tensors`` (copies the caller will not change) at ``revision`` as this
+        member's shared state, reflecting every round so far: joiners waiting for the state
+        after the last round are answered now. A caller that updates its state after a round
+        passes ``mark_state=False`` to ``allreduce`` and calls this once the update is done."""
+        self.state = SharedState(dict(tensors), revision)
+        if self.sync is not None and self.runner is not None:
+            self.sync.state = self.state
+            self.sync.mark_round(self.runner.machine.round)
+
     async def allreduce(
         self,
         tensors: Mapping[str, torch.Tensor],
         weight: float,
         compression: Compression = Compression.NONE,
+        mark_state: bool = True,
     ) -> RoundResult:
         """One round: on completion ``tensors`` hold the weighted mean (bit-identical on every
-        member); after aborts it retried with the survivors; skipped leaves them unchanged."""
+        member); after aborts it retried with the survivors; skipped leaves them unchanged.
+        ``mark_state=False``: the shared state is not yet what joiners of the next round need
+        (the caller applies the result first, then calls ``publish_state``)."""
         await self._member.wait()
         assert self.runner is not None and self.sync is not None
         result, _ = await self._round(tensors, weight, compression)
-        self.sync.mark_round(self.runner.machine.round)
+        if mark_state:
+            self.sync.mark_round(self.runner.machine.round)
         return result
 
     async def sync_shared_state(self, tensors: dict[str, torch.Tensor], revision: int) -> int:

@@ -64,8 +64,42 @@ class NodeConfig:
     allreduce_ready_timeout_s: float = 10.0
     allreduce_accept_timeout_s: float = 5.0
     allreduce_coordinator_timeout_s: float = 5.0
+    reachability_min_answers: int = 2
+    nat_probe_interval_s: float = 60.0
+    nat_dialback_timeout_s: float = 3.0
+    nat_probe_port: int = 0
+    nat_direct_dial_timeout_s: float = 1.5
+    relay_service: str = "auto"
+    relay_reservations: int = 2
+    relay_max_reservations: int = 64
+    relay_reservation_ttl_s: float = 120.0
+    relay_max_circuits_per_peer: int = 8
+    relay_circuit_max_s: float = 3600.0
+    relay_circuit_max_bytes: int = 1 << 30
+    relay_handshake_timeout_s: float = 5.0
+    holepunch: str = "on"
+    holepunch_attempt_timeout_s: float = 5.0
+    port_mapping: str = "auto"
+    port_mapping_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
+    # training (see node/diloco_mode.py for what each DiLoCo key does)
     train: str = "none"
+    diloco_model: str = "tiny"
+    diloco_seed: int = 0
+    diloco_inner_steps: int = 100
+    diloco_round_time_s: float = 0.0
+    diloco_inner_lr: float = 1e-3
+    diloco_outer_lr: float = 0.7
+    diloco_outer_momentum: float = 0.9
+    diloco_overlapped: bool = False
+    diloco_batch_size: int = 8
+    diloco_data: tuple[str, ...] = ()
+    diloco_corpus_bytes: int = 16 * 2**20
+    diloco_shards: int = 64
+    diloco_eval_every: int = 1
+    diloco_eval_batches: int = 8
+    diloco_checkpoint_every: int = 5
+    diloco_threads: int = 0
     # Shared-seed zeroth-order training (train = "zo"); see node/zo_mode.py and README.
     zo_model: str = "micro"
     zo_model_seed: int = 0
@@ -131,15 +165,45 @@ def _positive_int(value: Any) -> int:
     return number
 
 
-def _count(value: Any) -> int:
+def _non_negative_seconds(value: Any) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if not isinstance(number, bool) and isinstance(number, int | float) and number == 0:
+        return 0.0
+    return _positive_seconds(value)
+
+
+def _positive_number(value: Any) -> float:
+    return _positive_seconds(value)
+
+
+def _fraction(value: Any) -> float:
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number < 1:
+        raise ValueError
+    return float(number)
+
+
+def _non_negative_int(value: Any) -> int:
     number = int(value) if isinstance(value, str) else value
     if isinstance(number, bool) or not isinstance(number, int) or number < 0:
         raise ValueError
     return number
 
 
-def _positive_float(value: Any) -> float:
-    return _positive_seconds(value)
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError
+    return text in ("true", "1", "yes", "on")
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise TypeError
+    return tuple(_text(item) for item in items)
 
 
 def _port(value: Any) -> int:
@@ -180,13 +244,6 @@ def _multiaddrs(require_peer_id: bool) -> Parser:
         return tuple(out)
 
     return parse
-
-
-def _paths(value: Any) -> tuple[str, ...]:
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise TypeError
-    return tuple(_text(item) for item in items)
 
 
 def _capacity(value: Any) -> dict[str, Any]:
@@ -250,20 +307,61 @@ KEYS: dict[str, Key] = {
     "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "reachability_min_answers": Key(
+        _positive_int, "a positive number of members whose dial-backs decide reachability"
+    ),
+    "nat_probe_interval_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_dialback_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_direct_dial_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_probe_port": Key(_port, "a TCP port number, 0 for any free port"),
+    "relay_service": Key(_choice("auto", "off"), "one of: auto (relay while public), off"),
+    "relay_reservations": Key(_positive_int, "a positive number of relays to hold a slot on"),
+    "relay_max_reservations": Key(_positive_int, "a positive number of reservations"),
+    "relay_reservation_ttl_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_max_circuits_per_peer": Key(_positive_int, "a positive number of circuits"),
+    "relay_circuit_max_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_circuit_max_bytes": Key(_positive_int, "a positive integer number of bytes"),
+    "relay_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "holepunch": Key(_choice("on", "off"), "one of: on, off"),
+    "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
+    "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
     "train": Key(_choice("none", "diloco", "zo"), "one of: none, diloco, zo"),
+    "diloco_model": Key(
+        _choice("tiny", "small", "base", "350m"), "a model size: tiny, small, base, 350m"
+    ),
+    "diloco_seed": Key(_non_negative_int, "an integer >= 0 (the same on every worker)"),
+    "diloco_inner_steps": Key(_positive_int, "a positive number of inner steps per round (H)"),
+    "diloco_round_time_s": Key(
+        _non_negative_seconds, "seconds of inner steps per round, 0 for no time budget"
+    ),
+    "diloco_inner_lr": Key(_positive_number, "a positive learning rate"),
+    "diloco_outer_lr": Key(_positive_number, "a positive learning rate"),
+    "diloco_outer_momentum": Key(_fraction, "a number in [0, 1)"),
+    "diloco_overlapped": Key(_flag, "true or false"),
+    "diloco_batch_size": Key(_positive_int, "a positive number of sequences per inner step"),
+    "diloco_data": Key(_paths, "text files or folders (comma-separated); empty = Python's stdlib"),
+    "diloco_corpus_bytes": Key(_positive_int, "a positive number of bytes of text to read"),
+    "diloco_shards": Key(_positive_int, "a positive number of shards of the train text"),
+    "diloco_eval_every": Key(_non_negative_int, "rounds between eval losses, 0 = never"),
+    "diloco_eval_batches": Key(_positive_int, "a positive number of held-out batches"),
+    "diloco_checkpoint_every": Key(_non_negative_int, "rounds between checkpoints, 0 = never"),
+    "diloco_threads": Key(_non_negative_int, "torch threads, 0 = torch's default"),
     "zo_model": Key(_choice("nano", "micro", "tiny", "small"), "one of: nano, micro, tiny, small"),
-    "zo_model_seed": Key(_count, "an integer >= 0 (theta_0's seed; the same on every node)"),
+    "zo_model_seed": Key(
+        _non_negative_int, "an integer >= 0 (theta_0's seed; the same on every node)"
+    ),
     "zo_context_tokens": Key(_positive_int, "a positive number of tokens"),
     "zo_batch_size": Key(_positive_int, "a positive number of sequences per SPSA sample"),
     "zo_corpus_bytes": Key(_positive_int, "a positive number of bytes of training text"),
     "zo_corpus_sources": Key(_paths, "text files or folders (comma list); empty = stdlib *.py"),
     "zo_init_checkpoint": Key(_text, "a safetensors checkpoint to start from (e.g. DiLoCo's)"),
-    "zo_lr": Key(_positive_float, "a positive learning rate"),
-    "zo_eps": Key(_positive_float, "a positive perturbation size"),
+    "zo_lr": Key(_positive_number, "a positive learning rate"),
+    "zo_eps": Key(_positive_number, "a positive perturbation size"),
     "zo_samples_per_step": Key(_positive_int, "a number of SPSA samples per node-step, 1-255"),
     "zo_hash_every_steps": Key(_positive_int, "a positive number of steps between hash checks"),
-    "zo_fedkseed_k": Key(_count, "0 (off) or the number K of FedKSeed candidate seeds"),
+    "zo_fedkseed_k": Key(_non_negative_int, "0 (off) or the number K of FedKSeed candidate seeds"),
     "zo_seed_sampling": Key(_choice("uniform", "weighted"), "one of: uniform, weighted"),
     "zo_min_members": Key(_positive_int, "a positive number of members before step 0"),
     "zo_join_wait_s": Key(_positive_seconds, "a positive number of seconds"),

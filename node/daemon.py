@@ -10,6 +10,7 @@ The DHT (``/shoal/<swarm>/kad/1.0.0``) holds each member's signed record under
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -22,11 +23,12 @@ import msgpack
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from net.bulk import BulkListener, BulkSettings
 from net.bulk_peers import BulkPeers
+from net.holepunch import HolePunchSettings
 from net.host import (
     WIRE,
     announce_addrs,
@@ -40,20 +42,31 @@ from net.host import (
     swarm_protocol,
 )
 from net.links import ControlLinks, LinkSettings
+from net.nat import NatService, NatSettings
+from net.relay import RelaySettings
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
 from protocols.dht_direct import DirectDHT, DirectDHTSettings, Done, closest
 from protocols.dht_direct import Reaction as DHTReaction
 from protocols.membership import Membership, MembershipSettings
 from protocols.presence import PresenceRecord, Signer, decode_record
+from protocols.relay import RelayLimits
 
 if TYPE_CHECKING:  # torch (~190 MB of RSS) is imported only by nodes that run a workload
     from node.collective import AllReduceGroup
-    from node.zo_mode import ZOMode
 
 log = logging.getLogger("shoal.node")
 
 VERSION = "0.1.0"
+
+# Training modes (config key ``train``): module and class, imported only when chosen (torch).
+# A mode is built as ``cls(node)``, runs as ``await mode.run()`` in the node's nursery, and
+# ``mode.status()`` is the ``training`` section of ``shoal status``; ``mode.request_stop()``
+# (called when the node starts leaving) ends its torch work early.
+TRAIN_MODES: dict[str, tuple[str, str]] = {
+    "diloco": ("node.diloco_mode", "DiLoCoMode"),
+    "zo": ("node.zo_mode", "ZOMode"),
+}
 
 
 class StartupError(RuntimeError):
@@ -95,7 +108,7 @@ class Node:
         self.rejected_messages = 0
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
-        self.zo: ZOMode | None = None
+        self.train_mode: Any = None
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -163,23 +176,36 @@ class Node:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
             await self._start_bulk(nursery)
+            self.nat = NatService(
+                self.host,
+                self.links,
+                self.peer_id,
+                lambda name: swarm_protocol(self.config.swarm, name),
+                _nat_settings(self.config),
+                lambda: [m.record.peer_id for m in self.membership.table.others()],
+                lambda pid: (self.liveness.get(pid) or PeerLiveness()).rtt_ms,
+                self._on_path_change,
+            )
+            await nursery.start(self.nat.serve, _bind_host(self.config.listen))
+            self.links.connect = self._ensure_connected
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
             for addr in self.config.join:
                 nursery.start_soon(self._join, addr)
-            if self.config.allreduce_workload != "none":
+            if self.config.train != "none":
+                module, name = TRAIN_MODES[self.config.train]
+                self.train_mode = getattr(importlib.import_module(module), name)(self)
+                nursery.start_soon(self.train_mode.run)  # it starts the group it trains with
+            elif self.config.allreduce_workload != "none":
                 self.group = self._make_group()
                 nursery.start_soon(self.group.run)
-            if self.config.train == "zo":
-                from node.zo_mode import ZOMode
-
-                self.zo = ZOMode(self)
-                nursery.start_soon(self.zo.run)
             log.info("node %s ready in swarm %r at %s", self.peer_id, self.config.swarm, self.addrs)
             if self.on_ready is not None:
                 self.on_ready(self)
             await self._stop.wait()
+            if self.train_mode is not None:
+                self.train_mode.request_stop()
             await self._leave()
             nursery.cancel_scope.cancel()
 
@@ -206,7 +232,7 @@ class Node:
             c.bulk_setup_timeout_s,
         )
 
-    def _make_group(self) -> AllReduceGroup:
+    def _make_group(self, workload: str | None = None) -> AllReduceGroup:
         from node.collective import AllReduceGroup, GroupSettings, NetTransport
         from protocols.allreduce import AllReduceSettings
 
@@ -220,7 +246,7 @@ class Node:
             lambda peer, reason: self.group.on_peer_lost(peer) if self.group else None,
         )
         settings = GroupSettings(
-            workload=c.allreduce_workload,
+            workload=workload or c.allreduce_workload,
             check_elems=c.allreduce_check_elems,
             check_poison=c.allreduce_check_poison,
             compression=c.allreduce_compression,
@@ -248,7 +274,7 @@ class Node:
 
     def _describe_self(self) -> dict[str, Any]:
         return {
-            "addrs": self.addrs,
+            "addrs": self.addrs + (self.nat.extra_addrs() if hasattr(self, "nat") else []),
             "role": self.config.role,
             "version": VERSION,
             "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
@@ -321,15 +347,17 @@ class Node:
             return True
         member = self.membership.table.get(peer_id)
         live = self.liveness.setdefault(peer_id, PeerLiveness())
-        if member is None or live.dialing:
+        if member is None:
             return False
+        if live.dialing:  # another task is dialing it: wait for that dial's outcome
+            with trio.move_on_after(2 * self.config.connect_timeout_s):
+                while live.dialing:
+                    await trio.sleep(0.05)
+            return connection_info(self.host, peer_id)[0] != "none"
         live.dialing, live.last_dial = True, time.monotonic()
-        info = PeerInfo(
-            ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in member.record.addrs]
-        )
-        try:
-            with trio.fail_after(self.config.connect_timeout_s):
-                await self.host.connect(info)
+        try:  # directly, else through a relay the member published (net/nat.py)
+            with trio.fail_after(2 * self.config.connect_timeout_s):
+                await self.nat.connect(peer_id, list(member.record.addrs))
         except Exception as exc:  # unreachable for now: the next heartbeat tries again
             log.debug("cannot connect to member %s: %s", peer_id, exc)
             return False
@@ -344,13 +372,20 @@ class Node:
         except Exception as exc:
             log.debug("DHT routing table refused %s: %s", peer_id, exc)
 
+    def _on_path_change(self, peer_id: str) -> None:
+        """A hole punch made the path to ``peer_id`` direct: move the links and bulk to it."""
+        self.bulk.close(peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.links.forget, peer_id)
+
     def _forget(self, peer_id: str) -> None:
         self.liveness.pop(peer_id, None)
+        self.nat.forget(peer_id)
         self._dht_react(self.direct_dht.on_peer_lost(peer_id))
         if self.group is not None:
             self.group.on_peer_lost(peer_id)
-        if self.zo is not None:
-            self.zo.on_peer_lost(peer_id)
+        if self.config.train == "zo" and self.train_mode is not None:
+            self.train_mode.on_peer_lost(peer_id)
         self.bulk.close(peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self.links.forget, peer_id)
@@ -387,8 +422,9 @@ class Node:
         kind = message["t"]
         # The all-reduce machine checks senders itself (a joiner is not a group member yet, and
         # its ar.join may outrun its presence record); every control link is Noise-authenticated.
-        if self.zo is not None and kind.startswith(("zo.", "ss.")) and self.group is None:
-            await self.zo.on_control(sender, message)
+        # ZO mode: its record log ("zo.") and its snapshot's shared-state sync ("ss.").
+        if self.config.train == "zo" and kind.startswith(("zo.", "ss.")) and self.train_mode:
+            await self.train_mode.on_control(sender, message)
             return
         if kind.startswith(("ar.", "ss.")):
             if self.group is not None:
@@ -398,6 +434,9 @@ class Node:
             return
         if kind.startswith("bulk."):
             self.bulk.on_message(sender, message)
+            return
+        if kind.startswith("nat."):
+            self.nat.on_message(sender, message)
             return
         if kind.startswith("dht."):
             self._dht_react(self.direct_dht.on_message(sender, message, time.monotonic()))
@@ -424,6 +463,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for peer_id, message in self.membership.leave(time.time()):
                     nursery.start_soon(self.links.send, peer_id, message)
+                nursery.start_soon(self.nat.leave)
         log.info("left swarm %r", self.config.swarm)
 
     # ------------------------------------------------------------------ DHT
@@ -554,6 +594,8 @@ class Node:
                 None if record is None else {"peer_id": record.peer_id, "addrs": list(record.addrs)}
             )
             return {"record": found, "elapsed_ms": elapsed_ms, "path": path}
+        if cmd == "netcheck":
+            return self.nat.netcheck()
         if cmd == "dht_put":
             started = time.perf_counter()
             stored = await self.publish_to_dht()
@@ -563,7 +605,8 @@ class Node:
             kad_ms = (time.perf_counter() - started) * 1000
             return {"elapsed_ms": direct_ms, "stored": stored, "kademlia_elapsed_ms": kad_ms}
         raise ControlError(
-            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get, dht_put"
+            f"unknown command {cmd[:40]!r}; "
+            "known: status, peers, id, stop, netcheck, dht_get, dht_put"
         )
 
     def p2p_addrs(self) -> list[str]:
@@ -599,7 +642,8 @@ class Node:
             "version": VERSION,
             "home": str(self.config.home),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "reachability": "unknown",
+            "reachability": self.nat.verdict(),
+            "nat": self.nat.status(),
             "swarm_size": len(self.membership.table.peer_ids()),
             "peers": peers,
             "bytes_in": WIRE.bytes_in,
@@ -609,9 +653,36 @@ class Node:
                 "frames": self.links.rejected_frames,
                 "dht": self.rejected_dht,
             },
-            "training": self.zo.status() if self.zo is not None else self.training,
+            "training": self.training if self.train_mode is None else self.train_mode.status(),
             "allreduce": None if self.group is None else self.group.status(),
         }
+
+
+def _nat_settings(c: NodeConfig) -> NatSettings:
+    return NatSettings(
+        min_answers=c.reachability_min_answers,
+        probe_interval_s=c.nat_probe_interval_s,
+        dialback_timeout_s=c.nat_dialback_timeout_s,
+        probe_port=c.nat_probe_port,
+        relay_service=c.relay_service,
+        reservations=c.relay_reservations,
+        direct_dial_timeout_s=c.nat_direct_dial_timeout_s,
+        wait_for_dialer_s=c.connect_timeout_s,
+        holepunch=c.holepunch == "on",
+        relay=RelaySettings(
+            handshake_timeout_s=c.relay_handshake_timeout_s,
+            limits=RelayLimits(
+                max_reservations=c.relay_max_reservations,
+                reservation_ttl_s=c.relay_reservation_ttl_s,
+                max_circuits_per_peer=c.relay_max_circuits_per_peer,
+                circuit_max_s=c.relay_circuit_max_s,
+                circuit_max_bytes=c.relay_circuit_max_bytes,
+            ),
+        ),
+        punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
+        port_mapping=c.port_mapping == "auto",
+        port_mapping_timeout_s=c.port_mapping_timeout_s,
+    )
 
 
 def _bind_host(listen: tuple[str, ...]) -> str:

@@ -138,6 +138,7 @@ class ZOMode:
         self.resync_reasons: deque[str] = deque(maxlen=10)
         self._drifted = False
         self._kseed_summary: dict[str, Any] | None = None
+        self._stopping = False
         self.join: dict[str, Any] | None = None
         self._join_log_bytes = 0
         self._join_started: float | None = None
@@ -164,6 +165,11 @@ class ZOMode:
         if self.machine is not None and self._nursery is not None:
             events = self.machine.on_peer_lost(peer, time.monotonic())
             self._nursery.start_soon(self._handle, events)
+
+    def request_stop(self) -> None:
+        """The node is leaving: no more torch work (the others close steps without us)."""
+        self.generation += 1
+        self._stopping = True
 
     def presence(self) -> dict[str, Any]:
         """What the presence record says about this node's ZO run (kept small: it is gossiped)."""
@@ -328,7 +334,7 @@ class ZOMode:
             elif isinstance(event, Resync):
                 self._begin_resync(event.reason)
                 return
-            else:
+            elif not self._stopping:
                 self._work_send.send_nowait((self.generation, event))
 
     async def _send(self, peer: str, msg: dict[str, Any]) -> None:
@@ -347,7 +353,7 @@ class ZOMode:
     async def _worker(self) -> None:
         """Torch work, one item at a time, in a thread; the loop keeps serving meanwhile."""
         async for generation, event in self._work_recv:
-            if generation != self.generation or self.machine is None:
+            if generation != self.generation or self.machine is None or self._stopping:
                 continue
             machine = self.machine
             if isinstance(event, Produce):

@@ -568,6 +568,9 @@ class AllReduceMember:
         if self.phase is not Phase.JOINING:
             raise UsageError("request_join is for a joiner that has not been admitted")
         self._deadlines = {"join_request": now + self.settings.join_timeout_s}
+        # Asking again: a contact that could not be reached before (behind a NAT, its relay
+        # circuit not up yet) is no longer written off, or its JoinAck would be dropped.
+        self.lost.difference_update(self._contacts)
         return [self._send(peer, JoinRequest()) for peer in self._contacts]
 
     def begin(self, now: float, weight: float, spec: RoundSpec) -> list[Event]:

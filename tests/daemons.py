@@ -47,8 +47,15 @@ def wait_until(
 class Daemon:
     """One ``shoal start`` process with its own home."""
 
-    def __init__(self, home: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.home = home
+        self.prefix = prefix or []  # e.g. enter a network namespace of the NAT lab
         self.args = args
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.lines: list[str] = []
@@ -59,7 +66,7 @@ class Daemon:
         self.lines.clear()
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [*SHOAL, "start", "--home", str(self.home), *self.args],
+            [*self.prefix, *SHOAL, "start", "--home", str(self.home), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
