@@ -26,7 +26,13 @@ import trio
 from net.bulk_frames import BulkError
 from net.bulk_peers import BulkPeers, BulkUnavailable
 from net.links import ControlLinks
-from protocols.allreduce import AllReduceMember, AllReduceSettings, Completed, Skipped
+from protocols.allreduce import (
+    AllReduceMember,
+    AllReduceSettings,
+    Completed,
+    JoinFailed,
+    Skipped,
+)
 from protocols.codec import Compression
 from protocols.shared_state import SharedState, SharedStateError
 from protocols.simnet import RoundResult, RoundRunner, RunnerSettings, StateSync, TransportError
@@ -162,6 +168,7 @@ class AllReduceGroup:
         settings: GroupSettings,
         peers: Callable[[], dict[str, str]],
         link_costs: Callable[[], dict[tuple[str, str], float]] = dict,
+        may_found: Callable[[], bool] = lambda: True,
     ) -> None:
         self.me = me
         self.group = group
@@ -169,6 +176,7 @@ class AllReduceGroup:
         self.settings = settings
         self.peers = peers  # peer id -> "waiting" | "member", from the presence records
         self.link_costs = link_costs  # measured (a, b) -> seconds, to order the ring
+        self.may_found = may_found  # False while a node told to join a swarm is not in it yet
         self.phase = "waiting"
         self.runner: RoundRunner | None = None
         self.sync: StateSync | None = None
@@ -204,14 +212,18 @@ class AllReduceGroup:
             self.state = SharedState({"acc": torch.zeros(elems, dtype=torch.float32)}, 0)
         contacts = await self._find_group()
         while True:
-            await self._membership(contacts)
+            admitted = await self._membership(contacts)
             self.phase = "waiting"
             self._member = trio.Event()
-            log.info("fell out of all-reduce group %r; joining again", self.group)
+            if admitted:
+                log.info("fell out of all-reduce group %r; joining again", self.group)
+            else:  # the contacts' records may outlive them a while: do not spin on them
+                await trio.sleep(self.settings.skip_backoff_s)
             contacts = await self._find_group()
 
-    async def _membership(self, contacts: list[str]) -> None:
-        """One stay in the group: returns when this member has to join again."""
+    async def _membership(self, contacts: list[str]) -> bool:
+        """One stay in the group: returns when this member has to join again (False: it was
+        never admitted)."""
         log.info(
             "%s all-reduce group %r",
             f"joining {contacts} in" if contacts else "founding",
@@ -231,6 +243,10 @@ class AllReduceGroup:
             nursery.start_soon(self.runner.serve)
             if contacts:
                 admitted = await self.runner.join()
+                if isinstance(admitted, JoinFailed):
+                    log.info("not admitted to all-reduce group %r: %s", self.group, admitted.reason)
+                    nursery.cancel_scope.cancel()
+                    return False
                 log.info("admitted to all-reduce group %r at round %d", self.group, admitted.round)
                 await self._sync_state(list(admitted.members), admitted.round)
             self.phase = "member"
@@ -240,15 +256,19 @@ class AllReduceGroup:
             else:
                 await trio.sleep_forever()
             nursery.cancel_scope.cancel()
+        return True
 
     async def _find_group(self) -> list[str]:
         """Members already in the group; none means this node founds it.
 
         A node founds the group only after ``join_wait_s`` without seeing a member, and only if
         its peer id is the lowest of the nodes waiting to join, so nodes that start together
-        found one group, not several.
+        found one group, not several. A node told to join a swarm founds nothing before it is
+        in the swarm (``may_found``): one whose bootstrap died before it got in would otherwise
+        found a second group of the same name, and the swarm would be split for good.
         """
         deadline = trio.current_time() + self.settings.join_wait_s
+        said_why = False
         while True:
             peers = self.peers()
             members = sorted(p for p, phase in peers.items() if phase == "member")
@@ -256,7 +276,11 @@ class AllReduceGroup:
                 return members
             waiting = [p for p, phase in peers.items() if phase == "waiting"]
             if trio.current_time() >= deadline and all(self.me < p for p in waiting):
-                return []
+                if self.may_found():
+                    return []
+                if not said_why:
+                    log.info("not founding all-reduce group %r: not in the swarm yet", self.group)
+                    said_why = True
             await trio.sleep(self.settings.group_poll_s)
 
     async def _sync_state(
@@ -338,7 +362,8 @@ class AllReduceGroup:
 
     async def _check_rounds(self) -> None:
         """Back-to-back rounds until ``rejoin_after_skips`` rounds in a row are skipped while
-        other members are around (this member fell behind the group)."""
+        other members are around that this member did not admit itself (it fell behind the
+        group; see ``AllReduceMember.left_out_by``)."""
         assert self.runner is not None and self.sync is not None
         compression = Compression(self.settings.compression)
         skipped_in_a_row = 0
@@ -356,8 +381,9 @@ class AllReduceGroup:
                 skipped_in_a_row += 1
                 if self.runner.machine.left_behind_at is not None:
                     return  # the group went on without this member: join it again
-                if skipped_in_a_row >= self.settings.rejoin_after_skips and any(
-                    phase == "member" for phase in self.peers().values()
+                members = [p for p, phase in self.peers().items() if phase == "member"]
+                if skipped_in_a_row >= self.settings.rejoin_after_skips and (
+                    self.runner.machine.left_out_by(members)
                 ):
                     return
                 # The others may have completed the round without this member (an admitted
@@ -376,6 +402,7 @@ class AllReduceGroup:
         return {
             "group": self.group,
             "workload": self.settings.workload,
+            "phase": self.phase,
             "round": None if self.runner is None else self.runner.machine.round,
             "rounds_done": self.rounds_done,
             "aborted": self.aborted,

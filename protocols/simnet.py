@@ -34,6 +34,7 @@ from protocols.allreduce import (
     AllReduceSettings,
     Completed,
     Event,
+    JoinFailed,
     ParityMismatch,
     Phase,
     Rejected,
@@ -160,7 +161,7 @@ class RoundRunner:
         self._input: torch.Tensor = torch.empty(0)
         self._outcome: trio.MemorySendChannel[Completed | Skipped] | None = None
         self._admitted = trio.Event()
-        self.admission: Admitted | None = None
+        self.admission: Admitted | JoinFailed | None = None
 
     # -- what the transport calls ------------------------------------------------------------
 
@@ -184,8 +185,9 @@ class RoundRunner:
                 events = [] if item is None else self._dispatch(item, now)
                 await self._handle(events + self.machine.on_timeout(now))
 
-    async def join(self) -> Admitted:
-        """For a joiner machine: ask to be admitted; returns the round to begin."""
+    async def join(self) -> Admitted | JoinFailed:
+        """For a joiner machine: ask to be admitted; returns the round to begin, or JoinFailed
+        when no contact admitted it (the caller finds the group again with a new machine)."""
         await self._handle(self.machine.request_join(self.clock()))
         await self._admitted.wait()
         assert self.admission is not None
@@ -287,7 +289,7 @@ class RoundRunner:
                 case ParityMismatch():
                     self.mismatches.append(event)
                     log.error("all-reduce parity mismatch: %s", event)
-                case Admitted():
+                case Admitted() | JoinFailed():
                     self.admission = event
                     self._admitted.set()
 
