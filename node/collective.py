@@ -248,7 +248,12 @@ class AllReduceGroup:
                     nursery.cancel_scope.cancel()
                     return False
                 log.info("admitted to all-reduce group %r at round %d", self.group, admitted.round)
-                await self._sync_state(list(admitted.members), admitted.round)
+                if not await self._sync_state(list(admitted.members), admitted.round):
+                    # Taking part with a state the group does not hold would make every round
+                    # from now on diverge: join again (and fetch it again) instead.
+                    log.info("newcomer without the shared state; joining %r again", self.group)
+                    nursery.cancel_scope.cancel()
+                    return False
             self.phase = "member"
             self._member.set()
             if self.settings.workload == "check":
@@ -285,14 +290,19 @@ class AllReduceGroup:
 
     async def _sync_state(
         self, members: list[str], round_index: int, newcomer: bool = True
-    ) -> None:
+    ) -> bool:
+        """Vote on the shared state with ``members`` and fetch what differs; False if that
+        failed (a donor died mid-fetch, nobody answered): the state may then be stale."""
         assert self.sync is not None
         others = [m for m in members if m != self.me]
         try:
             self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=newcomer)
+            synced = True
         except (SharedStateError, trio.TooSlowError, TransportError) as exc:
             log.warning("shared-state sync failed: %s", exc)
+            synced = False
         self.sync.mark_round(round_index)
+        return synced
 
     async def wait_member(self) -> None:
         """Return once this node is a member of the group (founded or admitted)."""
@@ -342,6 +352,7 @@ class AllReduceGroup:
             "aborts": len(result.aborts),
             "abort_reasons": [a.reason for a in result.aborts],
             "duration_s": round(time.monotonic() - started, 4),
+            "ended_at": round(time.time(), 4),  # wall clock: comparable across processes
         }
         if isinstance(outcome, Completed):
             self.rounds_done += 1
@@ -390,9 +401,10 @@ class AllReduceGroup:
                 # joiner still fetching, a member excluded as late): vote again and fetch what
                 # moved; a member whose state agrees moves no bytes.
                 machine = self.runner.machine
-                await self._sync_state(
+                if not await self._sync_state(
                     sorted(machine.view - machine.lost), machine.round, newcomer=False
-                )
+                ):
+                    return  # it may have missed a round's update: join again, fetch it all
                 await trio.sleep(self.settings.skip_backoff_s)
             else:
                 skipped_in_a_row = 0

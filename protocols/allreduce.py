@@ -536,6 +536,7 @@ class AllReduceMember:
         self.counters = _Counters()
         self.link_costs: dict[tuple[str, str], float] = {}
         self.pending_joins: dict[str, int] = {}  # joiner -> first round it may take part in
+        self._joiners_waited_for: set[str] = set()  # pending joiners a round already waited for
         self._contacts: tuple[str, ...] = ()
         self._join_requests = 0
         self._weight = 0.0
@@ -747,6 +748,7 @@ class AllReduceMember:
             self.counters.duplicate += 1
         else:
             self.pending_joins[sender] = first
+            self._joiners_waited_for.discard(sender)  # a new admission: worth one wait again
         self.lost.discard(sender)
         members = tuple(sorted(self.view - self.lost))
         return [self._send(sender, JoinAck(self.pending_joins.get(sender, first), members))]
@@ -950,10 +952,14 @@ class AllReduceMember:
             for peer, first in self.pending_joins.items()
             if first <= self.round and peer not in self.lost and peer not in self.view
         }
-        waiting = joiners - set(self._readies)
+        waiting = joiners - set(self._readies) - self._joiners_waited_for
         if waiting and not self._expired("join", now):
             self._deadlines.setdefault("join", now + self.settings.join_timeout_s)
             return []
+        # A joiner is waited for in one round only: one that is still not ready (fetching the
+        # state, or gone without a word) would otherwise hold up every round by join_timeout_s.
+        # It still takes part in any round whose Ready it sends in time.
+        self._joiners_waited_for |= waiting
         members = ready | (joiners & set(self._readies))
         weights = {peer: self._readies[peer] for peer in members}
         # Late members and joiners admitted for a later round learn now that they sit this out.
@@ -1008,6 +1014,7 @@ class AllReduceMember:
         self.view |= set(proposal.members)
         for peer in proposal.members:
             self.pending_joins.pop(peer, None)
+        self._joiners_waited_for &= set(self.pending_joins)
 
     def _start_transfer(self, now: float) -> list[Event]:
         p = self._proposal

@@ -9,8 +9,9 @@ list and result hash, and that hash must be the exact weighted mean of that memb
 inputs (``expected_mean``). Members that completed the same round also hold the same shared
 state after it.
 
-``SHOAL_CHAOS_S`` sets the duration (default 60 s; ``make soak`` runs 1800 s) and
-``SHOAL_CHAOS_SEED`` the seed (default: random, printed, so a failure can be replayed).
+``CHAOS_S`` sets the duration (default 60 s; ``make soak`` runs 1800 s) and ``CHAOS_SEED``
+the seed (default: random, printed; the same seed repeats the same choices of spawn, kill and
+victim, not the same timings). Not SHOAL_*: the daemons would read those as config keys.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tests.daemons import Daemon, swarm_of
 
 pytestmark = pytest.mark.slow
 
-DURATION_S = float(os.environ.get("SHOAL_CHAOS_S", "60"))
-SEED = int(os.environ.get("SHOAL_CHAOS_SEED", str(random.randrange(1 << 32))))
+DURATION_S = float(os.environ.get("CHAOS_S", "60"))
+SEED = int(os.environ.get("CHAOS_SEED", str(random.randrange(1 << 32))))
 MAX_MEMBERS = 8
 MIN_MEMBERS = 2
 STALL_LIMIT_S = 30.0
@@ -170,7 +171,7 @@ def check_parity(chaos: Chaos) -> int:
 
 
 def test_chaos_spawn_and_sigkill_while_rounds_run(tmp_path: Path) -> None:
-    print(f"chaos seed {SEED} (SHOAL_CHAOS_SEED={SEED} replays it), {DURATION_S:.0f} s")
+    print(f"chaos seed {SEED} (CHAOS_SEED={SEED} repeats its choices), {DURATION_S:.0f} s")
     rng = random.Random(SEED)
     with swarm_of(tmp_path) as spawn:
         chaos = Chaos(spawn, rng)

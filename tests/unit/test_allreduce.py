@@ -604,3 +604,37 @@ def test_a_joiner_whose_contacts_die_or_stay_silent_gives_up() -> None:
         events = silent.on_timeout(now)
     assert now == SETTINGS.join_requests * SETTINGS.join_timeout_s
     assert silent.next_deadline() is None
+
+
+def test_a_joiner_that_is_not_ready_holds_up_one_round_only() -> None:
+    # A newcomer whose state fetch failed stayed admitted and silent, and the coordinator
+    # waited join_timeout_s for it in every round.
+    g = Group(peers(2))
+    joiner = AllReduceMember.joiner("p5", "g", ["p0", "p1"], SETTINGS)
+    g.add(joiner)
+    g.feed("p5", joiner.request_join(g.now))
+    g.deliver()
+    g.dead.add("p5")  # silent from now on (its messages are not delivered)
+    g.begin_all(["p0", "p1"])
+    assert not g.of("p0", StartTransfer)
+    g.tick(SETTINGS.join_timeout_s)  # round 0 waited for it once
+    g.finish_transfers()
+    assert g.of("p0", Completed)[0].members == ("p0", "p1")
+    g.begin_all(["p0", "p1"])  # round 1 goes at once, without waiting for it again
+    assert [s.round for s in g.of("p0", StartTransfer)] == [0, 1]
+    # the joiner is still admitted: a Ready in time makes it part of a round
+    g.dead.discard("p5")
+    g.finish_transfers()
+    ready = {"t": "ar.ready", "v": 1, "g": "g", "round": 2, "weight": 1.0}
+    g.feed("p0", g.machines["p0"].on_message("p5", ready, g.now))
+    proposed: list[list[str]] = []
+
+    def watch(sender: str, to: str, msg: dict[str, Any]) -> bool:
+        if msg["t"] == "ar.propose":
+            proposed.append(msg["members"])
+        return to != "p5"  # (p5's machine here stayed at round 0; only p0's rule is tested)
+
+    for p in ("p0", "p1"):
+        g.feed(p, g.machines[p].begin(g.now, 1.0, SPEC))
+    g.deliver(keep=watch)
+    assert sorted(proposed[0]) == ["p0", "p1", "p5"]
