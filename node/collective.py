@@ -100,10 +100,11 @@ class NetTransport:
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk send: {exc}") from None
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes:
+    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray:
         try:
             channel = await self.bulk.get(peer)
-            return bytes(await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s))
+            # the channel's fresh bytearray, not a copy (the ring only reads it)
+            return await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s)
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk receive: {exc}") from None
 

@@ -80,7 +80,7 @@ class Transport(Protocol):
 
     async def send_tensor(self, peer: str, tag: str, data: bytes) -> None: ...
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes: ...
+    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray: ...
 
     def discard_tensors(self, tag_prefix: str) -> None:
         """Drop frames tagged ``tag_prefix + '.'...`` now and on arrival (an aborted attempt)."""
@@ -484,7 +484,7 @@ class StateSync:
                 )
             length = int.from_bytes(data[:2], "big")
             header = msgpack.unpackb(data[2 : 2 + length], raw=False)
-            fetched[name] = (header, data[2 + length :])
+            fetched[name] = (header, bytes(memoryview(data)[2 + length :]))
         before = self.state.bytes_fetched
         self.state.install(order, fetched)
         return self.state.bytes_fetched - before

@@ -50,7 +50,7 @@ FAST = {
     "heartbeat_s": "0.3",
     "record_ttl_s": "4",
     "allreduce_join_wait_s": "1",
-    "log_level": "warning",
+    "log_level": os.environ.get("BENCH_LOG_LEVEL", "warning"),
 }
 
 
@@ -79,8 +79,13 @@ def _timed_reps(conn: Connection, reduce_once: Any, sizes: list[int], reps: int)
 
 
 def shoal_rank(rank: int, conn: Connection, p: dict[str, Any]) -> None:
+    import logging
+
     from node.api import Communicator
 
+    logging.basicConfig(
+        level=FAST["log_level"].upper(), format=f"%(asctime)s r{rank} %(levelname)s %(message)s"
+    )
     join = {} if rank == 0 else {"join": [p["join"]]}
     comm = Communicator(Path(p["home"]) / f"r{rank}", **FAST, **join)
     comm.connect()
