@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import torch
@@ -56,6 +56,7 @@ from protocols.shared_state import (
 )
 
 log = logging.getLogger("shoal.protocols.allreduce")
+_T = TypeVar("_T")
 
 # -- what a driver needs from the network ---------------------------------------------------------
 
@@ -89,6 +90,11 @@ class Transport(Protocol):
 @dataclass(frozen=True)
 class RunnerSettings:
     io_timeout_s: float = 30.0  # longest wait for the next ring frame from the predecessor
+    # Whole-buffer work (copies, the result hash) on at least this many elements runs in a
+    # worker thread (torch and hashlib release the GIL): on the event loop a 256 MB buffer
+    # holds up heartbeats long enough for peers to take this member for dead. Smaller work
+    # stays on the loop, where it costs less than the hand-off.
+    thread_min_elems: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -205,14 +211,16 @@ class RoundRunner:
         """
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight {weight} must be finite and >= 0")
+        names = sorted(tensors)
+        ordered = [tensors[name] for name in names]
+        flat = await self._heavy(sum(t.numel() for t in ordered), flatten, ordered)
         if self._outcome is not None or self.machine.phase is not Phase.IDLE:
             raise UsageError(
                 f"allreduce() in phase {self.machine.phase.value}: wait for admission or for "
                 "the running round to end"
             )
-        names = sorted(tensors)
-        self._tensors = [tensors[name] for name in names]
-        self._input = flatten(self._tensors)
+        self._tensors = ordered
+        self._input = flat
         spec = RoundSpec(
             tuple(
                 TensorSpec(name, tuple(tensors[name].shape), str(tensors[name].dtype))
@@ -226,6 +234,12 @@ class RoundRunner:
         self._inbox_send.send_nowait(_Begin(weight, spec))
         outcome = await receive.receive()
         return RoundResult(outcome, tuple(self.aborts[first_abort:]))
+
+    async def _heavy(self, elems: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``: in a worker thread for at least ``thread_min_elems`` elements."""
+        if elems >= self.settings.thread_min_elems:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -276,7 +290,7 @@ class RoundRunner:
                 case Completed():
                     self._stop_transfer()
                     buffer = self._finished.pop((event.round, event.attempt))
-                    unflatten_into(buffer, self._tensors)
+                    await self._heavy(buffer.numel(), unflatten_into, buffer, self._tensors)
                     self._finish(event)
                 case Skipped():
                     self._stop_transfer()
@@ -315,10 +329,10 @@ class RoundRunner:
     async def _run_transfer(self, event: StartTransfer, scope: trio.CancelScope) -> None:
         """The ring for one attempt, on a fresh copy of the input; reports via the inbox."""
         me = self.machine.me
-        working = self._input.clone()
         report: object
         with scope:
             peer = me
+            working = await self._heavy(self._input.numel(), self._input.clone)
             try:
                 plan = plan_ring(event.ring, event.spec.total_elems, event.chunk_elems)
                 ring = RingReduction(
@@ -336,7 +350,8 @@ class RoundRunner:
                         for frame in ring.on_frame(tag, data):
                             outgoing.send_nowait(frame)
                     outgoing.close()
-                report = _TransferFinished(event.round, event.attempt, ring.result_hash(), working)
+                result_hash = await self._heavy(working.numel(), ring.result_hash)
+                report = _TransferFinished(event.round, event.attempt, result_hash, working)
             except* trio.TooSlowError:
                 reason = f"no ring frame within io_timeout_s={self.settings.io_timeout_s}"
                 report = _TransferFailed(event.round, event.attempt, peer, reason, blame=False)
