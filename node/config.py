@@ -64,6 +64,7 @@ class NodeConfig:
     allreduce_ready_timeout_s: float = 10.0
     allreduce_accept_timeout_s: float = 5.0
     allreduce_coordinator_timeout_s: float = 5.0
+    allreduce_join_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -208,6 +209,7 @@ KEYS: dict[str, Key] = {
     "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_join_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
 }
 

@@ -224,7 +224,10 @@ class Node:
                 ready_timeout_s=c.allreduce_ready_timeout_s,
                 accept_timeout_s=c.allreduce_accept_timeout_s,
                 coordinator_timeout_s=c.allreduce_coordinator_timeout_s,
-                proposal_timeout_s=c.allreduce_ready_timeout_s + 2 * c.allreduce_join_wait_s + 5,
+                join_timeout_s=c.allreduce_join_timeout_s,
+                proposal_timeout_s=c.allreduce_ready_timeout_s
+                + max(2 * c.allreduce_join_wait_s, c.allreduce_join_timeout_s)
+                + 5,
             ),
         )
 
