@@ -369,7 +369,7 @@ class RoundRunner:
         """Send the ring's frames in order. A send that has begun is finished even when the
         attempt is aborted meanwhile: cut mid-transfer, it would break the bulk channel to a
         healthy peer (who discards the aborted attempt's frames anyway) and so fail the retry
-        too. Only a send that makes no progress for ``io_timeout_s`` is cut."""
+        too. Only a send still unfinished after ``io_timeout_s`` is cut."""
         async for frame in frames:
             with (
                 trio.CancelScope(shield=True),

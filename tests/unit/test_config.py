@@ -84,3 +84,24 @@ def test_damaged_identity_is_refused(tmp_path: Path) -> None:
     key.chmod(0o600)
     with pytest.raises(ConfigError, match="not a shoal identity"):
         load_or_create_seed(key)
+
+
+def test_every_config_key_is_documented_in_the_readme_with_its_default() -> None:
+    import dataclasses
+    import re
+
+    from node.config import KEYS, NodeConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    for key in KEYS:
+        row = next((r for r in rows if f"`{key}`" in r.split("|")[1]), None)
+        assert row is not None, f"config key {key!r} has no row in README's table"
+    # single-key rows state the code's default
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`([a-z_0-9]+)`", cells[0])
+        if len(names) == 1 and isinstance(defaults.get(names[0]), int | float):
+            stated = float(cells[1].replace("`", ""))
+            assert stated == float(defaults[names[0]]), f"README default of {names[0]}: {cells[1]}"
