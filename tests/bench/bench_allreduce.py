@@ -15,7 +15,8 @@ In one run, on loopback:
 Both all-reduces are timed the same way: the parent releases all ranks at once, each times
 its own call, a rep counts its slowest rank; per size the best of ``--reps`` is reported (and
 the median). Bus bandwidth = 2(n-1)/n x bytes / time (nccl-tests' definition), MB = 10**6 B.
-The last stdout line is one JSON object.
+Each rank's CPU time per call (all its threads) is reported too: on a shared machine it varies
+less with other load than wall-clock time. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def _timed_reps(conn: Connection, reduce_once: Any, sizes: list[int], reps: int)
     for mib in sizes:
         for rep in range(reps + 1):
             x = _tensor(int(conn.recv()), mib)  # the parent's "go" carries this rank's id
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             info = reduce_once(x)
-            conn.send({"mib": mib, "rep": rep, "s": time.perf_counter() - t0, "info": info})
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            conn.send({"mib": mib, "rep": rep, "s": seconds, "cpu_s": cpu, "info": info})
 
 
 def shoal_rank(rank: int, conn: Connection, p: dict[str, Any]) -> None:
@@ -160,7 +162,7 @@ def run_world(target: Any, p: dict[str, Any]) -> dict[int, dict[str, float]]:
                 proc.start()
         out: dict[int, dict[str, float]] = {}
         for mib in p["sizes"]:
-            times = []
+            times, cpus = [], []
             for rep in range(p["reps"] + 1):
                 for rank, conn in enumerate(parents):
                     conn.send(rank)
@@ -170,6 +172,7 @@ def run_world(target: Any, p: dict[str, Any]) -> dict[int, dict[str, float]]:
                     raise RuntimeError(f"{target.__name__} {mib} MiB rep {rep}: {bad}")
                 if rep > 0:  # rep 0 warms up (buffers, connections)
                     times.append(max(r["s"] for r in results))
+                    cpus.append(statistics.mean(r["cpu_s"] for r in results))
                 aborts = sum(r["info"]["aborts"] for r in results)
                 if aborts:
                     print(f"  {target.__name__} {mib} MiB rep {rep}: {aborts} aborts", flush=True)
@@ -179,11 +182,15 @@ def run_world(target: Any, p: dict[str, Any]) -> dict[int, dict[str, float]]:
                 "median_s": statistics.median(times),
                 "busbw_mbps": busbw_mbps(nbytes, min(times)),
                 "busbw_median_mbps": busbw_mbps(nbytes, statistics.median(times)),
+                # CPU seconds one rank spends on one call (all its threads): the machine is
+                # shared, so this varies less with other load than the wall-clock time
+                "cpu_s_per_rank": statistics.median(cpus),
             }
             print(
                 f"{target.__name__:10s} {mib:4d} MiB  best {min(times):6.3f} s"
                 f"  busbw {out[mib]['busbw_mbps']:6.0f} MB/s"
-                f"  (median {out[mib]['busbw_median_mbps']:6.0f} MB/s)",
+                f"  (median {out[mib]['busbw_median_mbps']:6.0f} MB/s)"
+                f"  cpu/rank {out[mib]['cpu_s_per_rank']:.3f} s",
                 flush=True,
             )
         for conn in parents:
