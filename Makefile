@@ -32,6 +32,9 @@ netlab-deps:
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
+soak: venv
+	CHAOS_S=$${CHAOS_S:-1800} $(BIN)/python -m pytest -q -s tests/integration/test_chaos.py
+
 bench: venv
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 

@@ -109,6 +109,7 @@ class Node:
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
         self.train_mode: Any = None
+        self._joined_swarm = False  # a --join address answered (not just: someone joined us)
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -256,7 +257,10 @@ class Node:
                 ready_timeout_s=c.allreduce_ready_timeout_s,
                 accept_timeout_s=c.allreduce_accept_timeout_s,
                 coordinator_timeout_s=c.allreduce_coordinator_timeout_s,
-                proposal_timeout_s=c.allreduce_ready_timeout_s + 2 * c.allreduce_join_wait_s + 5,
+                join_timeout_s=c.allreduce_join_timeout_s,
+                proposal_timeout_s=c.allreduce_ready_timeout_s
+                + max(2 * c.allreduce_join_wait_s, c.allreduce_join_timeout_s)
+                + 5,
             ),
         )
 
@@ -268,7 +272,14 @@ class Node:
                     out[member.record.peer_id] = str(group.get("phase"))
             return out
 
-        return AllReduceGroup(self.peer_id, c.swarm, transport, settings, peers, self._link_costs)
+        def may_found() -> bool:
+            # A node given --join founds nothing before one of those addresses answered: nodes
+            # that joined *it* meanwhile do not make it part of the swarm it was sent to.
+            return not c.join or self._joined_swarm
+
+        return AllReduceGroup(
+            self.peer_id, c.swarm, transport, settings, peers, self._link_costs, may_found
+        )
 
     # ------------------------------------------------------------------ membership
 
@@ -401,6 +412,7 @@ class Node:
                 await self._add_to_dht(bootstrap)
                 if await self.links.send(bootstrap, self.membership.hello(time.time())):
                     log.info("joined swarm %r through %s", self.config.swarm, addr)
+                    self._joined_swarm = True
                     return
                 reason = "it did not accept a control stream (is it a shoal node of this swarm?)"
             except trio.TooSlowError:
