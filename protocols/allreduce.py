@@ -603,9 +603,6 @@ class AllReduceMember:
             return [JoinFailed(f"no contact answered {self._join_requests} join requests")]
         self._join_requests += 1
         self._deadlines = {"join_request": now + self.settings.join_timeout_s}
-        # Asking again: a contact that could not be reached before (behind a NAT, its relay
-        # circuit not up yet) is no longer written off, or its JoinAck would be dropped.
-        self.lost.difference_update(self._contacts)
         return [self._send(peer, JoinRequest()) for peer in self._contacts]
 
     def begin(self, now: float, weight: float, spec: RoundSpec) -> list[Event]:

@@ -194,19 +194,21 @@ def test_dcutr_rejects_malformed_frames() -> None:
 # ---------------------------------------------------------------------- joining through a NAT
 
 
-def test_a_joiner_whose_contact_was_unreachable_at_first_is_admitted_on_the_resend() -> None:
+def test_a_joiner_whose_contact_was_unreachable_at_first_is_admitted_on_the_next_try() -> None:
     """Behind NATs the first JoinRequest can fail (the contact's relay circuit is not up yet):
-    the transport reports the contact lost, and the resend must still lead to admission."""
-    from protocols.allreduce import Admitted, AllReduceMember, AllReduceSettings, Send
+    the transport reports the contact lost, the joiner gives up at once (JoinFailed), and the
+    next join attempt (a fresh joiner, as the driver makes) is admitted."""
+    from protocols.allreduce import Admitted, AllReduceMember, AllReduceSettings, JoinFailed, Send
 
     settings = AllReduceSettings()
     member = AllReduceMember("p0", "g", ["p0"], settings)
     joiner = AllReduceMember.joiner("p5", "g", ["p0"], settings)
     joiner.request_join(0.0)
-    joiner.on_peer_lost("p0", 0.1)  # the send failed: no path to p0 yet
-    resent = joiner.on_timeout(settings.join_timeout_s + 0.2)
-    (request,) = [e for e in resent if isinstance(e, Send)]
-    replies = member.on_message("p5", request.msg, 6.0)
+    lost = joiner.on_peer_lost("p0", 0.1)  # the send failed: no path to p0 yet
+    assert any(isinstance(e, JoinFailed) for e in lost)
+    again = AllReduceMember.joiner("p5", "g", ["p0"], settings)
+    (request,) = [e for e in again.request_join(1.0) if isinstance(e, Send)]
+    replies = member.on_message("p5", request.msg, 1.1)
     (ack,) = [e for e in replies if isinstance(e, Send)]
-    events = joiner.on_message("p0", ack.msg, 6.1)
+    events = again.on_message("p0", ack.msg, 1.2)
     assert any(isinstance(e, Admitted) for e in events)
