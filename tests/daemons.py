@@ -162,3 +162,15 @@ def swarm_of(tmp: Path) -> Iterator[Callable[..., Daemon]]:
     finally:
         for daemon in daemons:
             daemon.kill()
+
+
+def check_workload_args(elems: int, join_wait_s: float = 2) -> list[str]:
+    """`shoal start` flags for the all-reduce check workload on ``elems`` float32 per member."""
+    return [
+        "--allreduce-workload",
+        "check",
+        "--allreduce-check-elems",
+        str(elems),
+        "--allreduce-join-wait-s",
+        str(join_wait_s),
+    ]

@@ -28,7 +28,7 @@ import pytest
 from node.collective import expected_mean
 from node.control import ControlError, DaemonNotRunning
 from protocols.codec import hash_tensor
-from tests.daemons import Daemon, swarm_of
+from tests.daemons import Daemon, check_workload_args, swarm_of
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +42,7 @@ P_SPAWN = 0.6
 # over the bulk channels, while eight members on CI's two cores keep up with back-to-back rounds
 # (the kill mid-transfer of large tensors is test_allreduce.py's job).
 ELEMS = 1 << 14
-CHECK = [
-    "--allreduce-workload",
-    "check",
-    "--allreduce-check-elems",
-    str(ELEMS),
-    "--allreduce-join-wait-s",
-    "2",
-]
+CHECK = check_workload_args(ELEMS)
 
 
 @dataclass
