@@ -112,8 +112,11 @@ def encode(values: torch.Tensor, compression: Compression) -> EncodedChunk:
     return EncodedChunk(header=header, payload=tensor_bytes(wire))
 
 
-def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -> torch.Tensor:
-    """Decode to a new flat float32 tensor, validating header, size and finiteness."""
+def decode(
+    chunk: EncodedChunk, expected_numel: int, compression: Compression, check_finite: bool = True
+) -> torch.Tensor:
+    """Decode to a flat float32 tensor, validating header, size and (unless the caller checks
+    a result derived from it instead) finiteness. Uncompressed, it shares the frame's memory."""
     compression = Compression(compression)
     header = chunk.header
     if not isinstance(header, dict):
@@ -159,7 +162,7 @@ def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -
         values = values + torch.tensor(float(low), dtype=torch.float32)
     else:
         values = wire.to(torch.float32)
-        if not all_finite(values):
+        if check_finite and not all_finite(values):
             raise NonFiniteError("chunk holds NaN or Inf")
     return values
 
@@ -168,6 +171,21 @@ def roundtrip(values: torch.Tensor, compression: Compression) -> tuple[EncodedCh
     """Encode, then decode the owner's own bytes: the value every member will end up with."""
     chunk = encode(values, compression)
     return chunk, decode(chunk, values.numel(), compression)
+
+
+def float32_frame(numel: int) -> tuple[bytearray, torch.Tensor]:
+    """An uncompressed (``none``) frame to fill in place: its bytes and a float32 view of its
+    payload. Values written into the view make the frame ``pack_frame(encode(values, NONE))``
+    would give, without encode's and pack_frame's copies; the caller checks finiteness."""
+    header = msgpack.packb(
+        {"codec": Compression.NONE.value, "dtype": "float32", "shape": [numel]}, use_bin_type=True
+    )
+    prefix = HEADER_LENGTH.pack(len(header)) + header
+    frame = bytearray(len(prefix) + 4 * numel)
+    frame[: len(prefix)] = prefix
+    if numel == 0:
+        return frame, torch.empty(0, dtype=torch.float32)
+    return frame, torch.frombuffer(frame, dtype=torch.float32, offset=len(prefix), count=numel)
 
 
 def pack_frame(chunk: EncodedChunk) -> bytes:
