@@ -105,8 +105,9 @@ class RingReduction:
     """One member's part of one ring all-reduce attempt.
 
     ``buffer`` is the member's own flat float32 input; it is weighted and updated in place and
-    holds the weighted mean once ``done``. Give it a working copy if the caller's tensor must
-    survive an abort.
+    holds the weighted mean once ``done``. With ``copy`` the ring works on a weighted copy
+    instead (one pass, not a clone and then the weighting), left in ``self.buffer``, and the
+    caller's tensor survives an abort.
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class RingReduction:
         weights: Mapping[str, float],
         compression: Compression,
         tag_prefix: str,
+        copy: bool = False,
     ) -> None:
         if me not in plan.ring:
             raise RingError(f"{me} is not on the ring {list(plan.ring)}")
@@ -135,7 +137,8 @@ class RingReduction:
         # Weighted once up front (the same float32 products each hop used to compute), so a
         # reduce-scatter hop is one add. A finite product proves the input finite (a weight of
         # 0 turns Inf into NaN), and it is what leaves this member, so one check covers both.
-        buffer.mul_(torch.tensor(weights[me], dtype=torch.float32))
+        scale = torch.tensor(weights[me], dtype=torch.float32)
+        buffer = torch.mul(buffer, scale) if copy else buffer.mul_(scale)
         if not all_finite(buffer):
             raise NonFiniteError("local input holds NaN or Inf (or overflows when weighted)")
         self.plan = plan
