@@ -14,13 +14,13 @@ receiver expects (codec, element count, byte size) and rejects NaN/Inf before a 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import blake3
 import msgpack
 import torch
 
@@ -112,8 +112,11 @@ def encode(values: torch.Tensor, compression: Compression) -> EncodedChunk:
     return EncodedChunk(header=header, payload=tensor_bytes(wire))
 
 
-def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -> torch.Tensor:
-    """Decode to a new flat float32 tensor, validating header, size and finiteness."""
+def decode(
+    chunk: EncodedChunk, expected_numel: int, compression: Compression, check_finite: bool = True
+) -> torch.Tensor:
+    """Decode to a flat float32 tensor, validating header, size and (unless the caller checks
+    a result derived from it instead) finiteness. Uncompressed, it shares the frame's memory."""
     compression = Compression(compression)
     header = chunk.header
     if not isinstance(header, dict):
@@ -159,7 +162,7 @@ def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -
         values = values + torch.tensor(float(low), dtype=torch.float32)
     else:
         values = wire.to(torch.float32)
-        if not all_finite(values):
+        if check_finite and not all_finite(values):
             raise NonFiniteError("chunk holds NaN or Inf")
     return values
 
@@ -168,6 +171,21 @@ def roundtrip(values: torch.Tensor, compression: Compression) -> tuple[EncodedCh
     """Encode, then decode the owner's own bytes: the value every member will end up with."""
     chunk = encode(values, compression)
     return chunk, decode(chunk, values.numel(), compression)
+
+
+def float32_frame(numel: int) -> tuple[bytearray, torch.Tensor]:
+    """An uncompressed (``none``) frame to fill in place: its bytes and a float32 view of its
+    payload. Values written into the view make the frame ``pack_frame(encode(values, NONE))``
+    would give, without encode's and pack_frame's copies; the caller checks finiteness."""
+    header = msgpack.packb(
+        {"codec": Compression.NONE.value, "dtype": "float32", "shape": [numel]}, use_bin_type=True
+    )
+    prefix = HEADER_LENGTH.pack(len(header)) + header
+    frame = bytearray(len(prefix) + 4 * numel)
+    frame[: len(prefix)] = prefix
+    if numel == 0:
+        return frame, torch.empty(0, dtype=torch.float32)
+    return frame, torch.frombuffer(frame, dtype=torch.float32, offset=len(prefix), count=numel)
 
 
 def pack_frame(chunk: EncodedChunk) -> bytes:
@@ -219,11 +237,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:
-    """blake2b-128 (hex) over dtype, shape and the contiguous bytes: equal exactly when bits are."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
-    digest.update(tensor_bytes(tensor.detach().cpu()))
-    return digest.hexdigest()
+    """BLAKE3, 128-bit output (hex), over dtype, shape and the contiguous bytes: equal exactly
+    when bits are. Cryptographic like the blake2b it replaced (a peer cannot craft a colliding
+    tensor), ~5x faster here, and it reads the tensor in place instead of a copy of its bytes."""
+    digest = blake3.blake3(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
+    tensor = tensor.detach().cpu().contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes:
+        raw = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+        digest.update(memoryview(raw).cast("B"))
+    return digest.hexdigest(length=16)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

@@ -37,6 +37,7 @@ from protocols.codec import (
     all_finite,
     decode,
     encode,
+    float32_frame,
     hash_tensor,
     pack_frame,
     roundtrip,
@@ -103,9 +104,10 @@ def total_weight(weights: Mapping[str, float]) -> float:
 class RingReduction:
     """One member's part of one ring all-reduce attempt.
 
-    ``buffer`` is the member's own flat float32 input; it is updated in place and holds the
-    weighted mean once ``done``. Give it a working copy if the caller's tensor must survive
-    an abort.
+    ``buffer`` is the member's own flat float32 input; it is weighted and updated in place and
+    holds the weighted mean once ``done``. With ``copy`` the ring works on a weighted copy
+    instead (one pass, not a clone and then the weighting), left in ``self.buffer``, and the
+    caller's tensor survives an abort.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class RingReduction:
         weights: Mapping[str, float],
         compression: Compression,
         tag_prefix: str,
+        copy: bool = False,
     ) -> None:
         if me not in plan.ring:
             raise RingError(f"{me} is not on the ring {list(plan.ring)}")
@@ -131,8 +134,13 @@ class RingReduction:
         total = total_weight(weights)
         if not total > 0:
             raise RingError("the weights sum to zero")
+        # Weighted once up front (the same float32 products each hop used to compute), so a
+        # reduce-scatter hop is one add. A finite product proves the input finite (a weight of
+        # 0 turns Inf into NaN), and it is what leaves this member, so one check covers both.
+        scale = torch.tensor(weights[me], dtype=torch.float32)
+        buffer = torch.mul(buffer, scale) if copy else buffer.mul_(scale)
         if not all_finite(buffer):
-            raise NonFiniteError("local input holds NaN or Inf")
+            raise NonFiniteError("local input holds NaN or Inf (or overflows when weighted)")
         self.plan = plan
         self.me = me
         self.buffer = buffer
@@ -143,7 +151,6 @@ class RingReduction:
         self.position = plan.ring.index(me)
         self.successor = plan.ring[(self.position + 1) % n]
         self.predecessor = plan.ring[(self.position - 1) % n]
-        self._weight = torch.tensor(weights[me], dtype=torch.float32)
         self._total = torch.tensor(total, dtype=torch.float32)
         self._expected = self._expected_frames()
         self._pending = {tag: key for tag, key in self._expected}
@@ -187,9 +194,14 @@ class RingReduction:
         segment = (self.position - 1) % self.n
         out = []
         for j, (a, b) in enumerate(self.plan.chunks(segment)):
-            contribution = self.buffer[a:b] * self._weight
-            chunk = encode(contribution, self.compression)
-            out.append(OutgoingFrame(self.successor, self.tag("rs", segment, j), pack_frame(chunk)))
+            contribution = self.buffer[a:b]  # weighted and checked finite in __init__
+            data: bytes | bytearray
+            if self.compression is Compression.NONE:
+                data, payload = float32_frame(b - a)
+                payload.copy_(contribution)
+            else:
+                data = pack_frame(encode(contribution, self.compression))
+            out.append(OutgoingFrame(self.successor, self.tag("rs", segment, j), data))
         return out
 
     def on_frame(self, tag: str, frame: bytes | bytearray) -> list[OutgoingFrame]:
@@ -204,30 +216,61 @@ class RingReduction:
         phase, segment, j = key
         a, b = self.plan.chunks(segment)[j]
         chunk = unpack_frame(frame)
+        # A reduce-scatter frame is checked through its sum with our finite slice (NaN/Inf
+        # in the frame make the sum NaN/Inf), so the frame itself is not scanned first.
+        partial = phase == "rs"
         try:
-            incoming = decode(chunk, b - a, self.compression)
+            incoming = decode(chunk, b - a, self.compression, check_finite=not partial)
         except CodecError as exc:
             raise type(exc)(f"frame {tag}: {exc.reason}") from None
+        if partial:
+            return self._reduce(tag, segment, j, incoming)
         del self._pending[tag]
         self._received += 1
-        if phase == "rs":
-            accumulated = incoming + self.buffer[a:b] * self._weight
-            if segment == self.position:
-                final = accumulated / self._total
-                encoded, own = roundtrip(final, self.compression)
-                self.buffer[a:b] = own
-                frame_out = pack_frame(encoded)
-                return [OutgoingFrame(self.successor, self.tag("ag", segment, j), frame_out)]
-            forwarded = pack_frame(encode(accumulated, self.compression))
-            return [OutgoingFrame(self.successor, self.tag("rs", segment, j), forwarded)]
         self.buffer[a:b] = incoming
         if (segment - 1) % self.n == self.position:
             return []  # the successor owns this segment: the all-gather ends here
         return [OutgoingFrame(self.successor, tag, frame)]  # the exact bytes, unchanged
 
+    def _reduce(
+        self, tag: str, segment: int, j: int, incoming: torch.Tensor
+    ) -> list[OutgoingFrame]:
+        """Add our weighted slice to an incoming partial sum; the owner also divides by the
+        total weight. Written straight into the outgoing frame's payload when uncompressed.
+        Raises NonFiniteError before the buffer changes."""
+        a, b = self.plan.chunks(segment)[j]
+        own = self.buffer[a:b]
+        owner = segment == self.position
+        raw = self.compression is Compression.NONE
+        frame_out: bytes | bytearray
+        if raw:
+            frame_out, accumulated = float32_frame(b - a)
+            torch.add(incoming, own, out=accumulated)
+            if owner:
+                accumulated.div_(self._total)
+        else:
+            accumulated = incoming + own
+            if owner:
+                accumulated = accumulated / self._total
+        if not all_finite(accumulated):
+            raise NonFiniteError(f"frame {tag}: partial sum holds NaN or Inf")
+        del self._pending[tag]
+        self._received += 1
+        if owner:
+            if raw:
+                own.copy_(accumulated)  # decode(encode(x)) is x without compression
+            else:
+                encoded, final = roundtrip(accumulated, self.compression)
+                own.copy_(final)
+                frame_out = pack_frame(encoded)
+            return [OutgoingFrame(self.successor, self.tag("ag", segment, j), frame_out)]
+        if not raw:
+            frame_out = pack_frame(encode(accumulated, self.compression))
+        return [OutgoingFrame(self.successor, self.tag("rs", segment, j), frame_out)]
+
     def _finalize(self, segment: int) -> None:
         for a, b in self.plan.chunks(segment):
-            final = (self.buffer[a:b] * self._weight) / self._total
+            final = self.buffer[a:b] / self._total
             _, own = roundtrip(final, self.compression)
             self.buffer[a:b] = own
 

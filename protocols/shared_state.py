@@ -25,7 +25,7 @@ import torch
 from protocols.codec import hash_tensor as hash_tensor
 from protocols.codec import tensor_bytes
 
-HASH_CHARS = 32  # blake2b-128 in hex
+HASH_CHARS = 32  # 128-bit hash_tensor digest in hex
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,

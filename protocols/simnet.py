@@ -332,12 +332,20 @@ class RoundRunner:
         report: object
         with scope:
             peer = me
-            working = await self._heavy(self._input.numel(), self._input.clone)
             try:
                 plan = plan_ring(event.ring, event.spec.total_elems, event.chunk_elems)
-                ring = RingReduction(
-                    plan, me, working, event.weights, event.spec.compression, event.tag_prefix
+                ring = await self._heavy(
+                    self._input.numel(),
+                    RingReduction,
+                    plan,
+                    me,
+                    self._input,
+                    event.weights,
+                    event.spec.compression,
+                    event.tag_prefix,
+                    True,  # a weighted working copy: the input survives an abort for the retry
                 )
+                working = ring.buffer
                 peer = ring.predecessor
                 outgoing, frames = trio.open_memory_channel[Any](math.inf)
                 async with trio.open_nursery() as nursery:

@@ -155,6 +155,15 @@ def test_a_member_contributing_nan_is_left_out_and_nothing_hangs(tmp_path: Path)
         nodes = start_group(spawn, 3)
         poisoned = spawn("nan", *CHECK, "--allreduce-check-poison", "nan", join=nodes[0])
         poisoned.wait_ready()
+        # Its first round with the NaN comes after admission and the state sync, by which
+        # time the honest rounds may already have gone on: wait for its reason, then for
+        # rounds after it.
+        wait_for(
+            [*nodes, poisoned],
+            lambda: any("NaN" in line for line in poisoned.lines),  # it says why, in its log
+            120,
+            "the poisoned member's NaN reason",
+        )
         honest = sorted(d.peer_id for d in nodes)
         seen_rounds = {d.peer_id: max(completed(d), default=-1) for d in nodes}
 
@@ -168,4 +177,3 @@ def test_a_member_contributing_nan_is_left_out_and_nothing_hangs(tmp_path: Path)
         wait_for([*nodes, poisoned], honest_rounds_go_on, 120, "rounds of the honest members")
         assert poisoned.alive
         assert completed(poisoned) == {}  # it never completed a round with its NaN
-        assert any("NaN" in line for line in poisoned.lines)  # it says why, in its log

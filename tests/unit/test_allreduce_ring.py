@@ -10,6 +10,7 @@ from protocols.codec import (
     Compression,
     NonFiniteError,
     encode,
+    float32_frame,
     hash_tensor,
     pack_frame,
 )
@@ -175,6 +176,33 @@ def test_unexpected_repeated_and_corrupt_frames_are_refused_without_touching_the
     b.on_frame(frame.tag, frame.data)
     with pytest.raises(RingError, match="repeated"):
         b.on_frame(frame.tag, frame.data)
+
+
+def test_a_frame_filled_in_place_is_the_packed_encoding() -> None:
+    x = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
+    frame, payload = float32_frame(3)
+    payload.copy_(x)
+    assert bytes(frame) == pack_frame(encode(x, "none"))
+    assert float32_frame(0)[0] == pack_frame(encode(torch.empty(0), "none"))
+
+
+def test_a_partial_sum_that_overflows_is_refused_without_touching_the_buffer() -> None:
+    plan = plan_ring(["a", "b"], 4, 4)
+    weights = {"a": 1.0, "b": 1.0}
+    big = torch.full((4,), 3e38)
+    a = RingReduction(plan, "a", big.clone(), weights, "none", "t")
+    b = RingReduction(plan, "b", big.clone(), weights, "none", "t")
+    before = b.buffer.clone()
+    frame = a.start()[0]
+    with pytest.raises(NonFiniteError, match="partial sum"):
+        b.on_frame(frame.tag, frame.data)
+    assert torch.equal(b.buffer, before)
+
+
+def test_an_input_that_overflows_when_weighted_is_refused() -> None:
+    plan = plan_ring(["a", "b"], 2, 2)
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        RingReduction(plan, "a", torch.full((2,), 3e38), {"a": 4.0, "b": 1.0}, "none", "t")
 
 
 def test_bad_arguments_are_refused() -> None:
