@@ -193,6 +193,13 @@ class TrainingMetrics:
     eval_loss: float | None
 
 
+def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
+    """`lr` ramped linearly over the first `warmup_steps` steps (step counts from 0)."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr
+
+
 def weighted_mean(grads: Sequence[PseudoGradient]) -> torch.Tensor:
     """sum(tokens_i * delta_i) / sum(tokens_i): what a weighted all-reduce computes.
 
@@ -309,10 +316,7 @@ class DiLoCoWorker:
     # -- inner loop -----------------------------------------------------------------------
 
     def _inner_lr(self) -> float:
-        warmup = self.settings.inner_warmup_steps
-        if warmup and self.inner_step < warmup:
-            return self.settings.inner_lr * (self.inner_step + 1) / warmup
-        return self.settings.inner_lr
+        return warmup_lr(self.settings.inner_lr, self.settings.inner_warmup_steps, self.inner_step)
 
     def _inner_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         inputs, targets = inputs.to(self.device), targets.to(self.device)

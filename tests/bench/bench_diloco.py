@@ -46,7 +46,7 @@ from trainer.data import (
     heldout_batches,
     load_corpus,
 )
-from trainer.diloco import DiLoCoSettings, DiLoCoWorker, ParamLayout
+from trainer.diloco import DiLoCoSettings, DiLoCoWorker, ParamLayout, warmup_lr
 from trainer.model import build_model, model_config, next_token_loss
 
 WORKERS = 4
@@ -106,14 +106,22 @@ class Ring:
         return sum(c.bytes_sent for c in self.counters.values()) / WORKERS
 
 
-def adamw(params: Any, settings: DiLoCoSettings) -> torch.optim.AdamW:
+def adamw(params: Any, settings: DiLoCoSettings, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         params,
-        lr=settings.inner_lr,
+        lr=lr,
         betas=settings.inner_betas,
         eps=settings.inner_eps,
         weight_decay=settings.inner_weight_decay,
     )
+
+
+def set_lr(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, lr: float, step: int
+) -> None:
+    """The baselines' lr at `step` (from 0): DiLoCo's inner warmup rule, the same length."""
+    for group in optimizer.param_groups:
+        group["lr"] = warmup_lr(lr, args.warmup, step)
 
 
 async def run_diloco(
@@ -154,7 +162,7 @@ async def run_ddp(
 ) -> float:
     settings = setup["settings"]
     model = build_model(setup["config"], seed=0)
-    optimizer = adamw(model.parameters(), settings)
+    optimizer = adamw(model.parameters(), settings, args.ddp_lr)
     layout = ParamLayout.of(model)
     params = [p for _, p in model.named_parameters()]
     streams = [
@@ -182,6 +190,7 @@ async def run_ddp(
             p.grad = flats[0][slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
+        set_lr(optimizer, args, args.ddp_lr, step - 1)
         optimizer.step()
         if step % args.inner_steps == 0:
             curve.append((tokens, evaluate_loss(model, setup["heldout"])))
@@ -192,7 +201,7 @@ async def run_ddp(
 def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]) -> float:
     settings = setup["settings"]
     model = build_model(setup["config"], seed=0)
-    optimizer = adamw(model.parameters(), settings)
+    optimizer = adamw(model.parameters(), settings, args.single_lr)
     stream = TokenBlocks(
         setup["train"], batch_size=args.batch, context_tokens=setup["ctx"], seed=99
     )
@@ -205,6 +214,7 @@ def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]
         next_token_loss(model, inputs, targets).backward()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
+        set_lr(optimizer, args, args.single_lr, step - 1)
         optimizer.step()
         tokens += targets.numel()
         if step % (WORKERS * args.inner_steps) == 0:
@@ -239,13 +249,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     config = model_config("tiny")
     corpus = load_corpus(CorpusSettings(max_total_bytes=args.corpus_bytes))
-    settings = DiLoCoSettings(inner_steps=args.inner_steps, inner_lr=args.lr)
+    settings = DiLoCoSettings(
+        inner_steps=args.inner_steps,
+        inner_lr=args.diloco_lr,
+        inner_warmup_steps=args.warmup,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
+        outer_nesterov=args.outer_nesterov,
+    )
+    interleaved = args.shards == "interleaved"
     setup = {
         "config": config,
         "ctx": config.context_tokens,
         "settings": settings,
         "train": corpus.train_tokens,
-        "shards": [corpus.train_shard(i, WORKERS) for i in range(WORKERS)],
+        "shards": [corpus.train_shard(i, WORKERS, interleaved=interleaved) for i in range(WORKERS)],
         "heldout": heldout_batches(
             corpus.heldout_tokens,
             batch_size=16,
@@ -259,6 +277,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[str, float] = {}
     runs: list[tuple[str, Callable[..., Any]]] = [("diloco", run_diloco), ("ddp", run_ddp)]
     for name, fn in runs:
+        if name not in args.runs:
+            continue
         async with trio.open_nursery() as nursery:
             swarm = SimSwarm(nursery, group=name)
             swarm.start(PEERS)
@@ -268,16 +288,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             timings[name] = time.perf_counter() - started
             bytes_sent[name] = ring.bytes_per_worker()
             nursery.cancel_scope.cancel()
-    started = time.perf_counter()
-    losses["single"] = run_single(args, setup, curves["single"])
-    timings["single"] = time.perf_counter() - started
+    if "single" in args.runs:
+        started = time.perf_counter()
+        losses["single"] = run_single(args, setup, curves["single"])
+        timings["single"] = time.perf_counter() - started
+    curves = {k: v for k, v in curves.items() if v}
     title = (
         f"tiny ({config.parameter_count():,} params), {WORKERS} workers, "
         f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each; "
         f"DiLoCo H={args.inner_steps}"
         + ("" if args.diloco_compression == "none" else f" ({args.diloco_compression})")
+        + f", outer lr {args.outer_lr} mom {args.outer_momentum}"
+        + ("" if args.outer_nesterov else " (no Nesterov)")
+        + f"; {args.shards} shards"
     )
-    png = plot(Path(args.png), curves, title)
+    png = plot(Path(args.png), curves, title) if args.png else None
+
+    def loss(name: str) -> float | None:
+        return round(losses[name], 4) if name in losses else None
+
+    both = "diloco" in losses and "ddp" in losses
     return {
         "bench": "diloco",
         "model": "tiny",
@@ -287,16 +317,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "inner_steps": args.inner_steps,
         "diloco_compression": args.diloco_compression,
         "batch": args.batch,
+        "shards": args.shards,
+        "lr": {"diloco_inner": args.diloco_lr, "ddp": args.ddp_lr, "single": args.single_lr},
+        "warmup": args.warmup,
+        "outer": {
+            "lr": args.outer_lr,
+            "momentum": args.outer_momentum,
+            "nesterov": args.outer_nesterov,
+        },
         "tokens_total": WORKERS * args.steps * args.batch * config.context_tokens,
-        "diloco_eval_loss": round(losses["diloco"], 4),
-        "ddp_eval_loss": round(losses["ddp"], 4),
-        "single_eval_loss": round(losses["single"], 4),
-        "initial_eval_loss": round(curves["ddp"][0][1], 4),
-        "loss_ratio_vs_ddp": round(losses["diloco"] / losses["ddp"], 4),
-        "diloco_bytes_per_worker": int(bytes_sent["diloco"]),
-        "ddp_bytes_per_worker": int(bytes_sent["ddp"]),
+        "diloco_eval_loss": loss("diloco"),
+        "ddp_eval_loss": loss("ddp"),
+        "single_eval_loss": loss("single"),
+        "initial_eval_loss": round(next(iter(curves.values()))[0][1], 4),
+        "loss_ratio_vs_ddp": round(losses["diloco"] / losses["ddp"], 4) if both else None,
+        "diloco_bytes_per_worker": int(bytes_sent.get("diloco", 0)),
+        "ddp_bytes_per_worker": int(bytes_sent.get("ddp", 0)),
         "single_bytes": 0,
-        "bytes_ratio_ddp_over_diloco": round(bytes_sent["ddp"] / bytes_sent["diloco"], 2),
+        "bytes_ratio_ddp_over_diloco": (
+            round(bytes_sent["ddp"] / bytes_sent["diloco"], 2) if both else None
+        ),
+        "curves": {k: [round(loss, 4) for _, loss in v] for k, v in curves.items()},
         "wall_s": {k: round(v, 1) for k, v in timings.items()},
         "png": png,
         "targets": {"loss_ratio_vs_ddp": "<= 1.03", "bytes_ratio_ddp_over_diloco": ">= 50"},
@@ -315,11 +356,38 @@ def main() -> None:
         help="codec of DiLoCo's pseudo-gradients in the all-reduce (the baseline sends fp32)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (all three runs)")
+    parser.add_argument("--diloco-lr", type=float, help="DiLoCo's inner AdamW lr (default --lr)")
+    parser.add_argument("--ddp-lr", type=float, help="the DDP baseline's lr (default --lr)")
+    parser.add_argument("--single-lr", type=float, help="the single worker's lr (default --lr)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="linear lr warmup steps (each run's own steps)"
+    )
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--shards",
+        default="contiguous",
+        choices=["contiguous", "interleaved"],
+        help="workers' train shards: contiguous slices of the sorted files (non-IID) or "
+        "documents dealt out in turn (each shard samples the whole corpus); DiLoCo and DDP",
+    )
+    parser.add_argument(
+        "--runs",
+        default="diloco,ddp,single",
+        type=lambda v: set(v.split(",")),
+        help="comma list of runs to do (sweeps): diloco, ddp, single",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores)")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--png", default="tests/bench/diloco_curves.png")
+    parser.add_argument("--png", default="tests/bench/diloco_curves.png", help="'' = none")
     args = parser.parse_args()
+    for name in ("diloco_lr", "ddp_lr", "single_lr"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.lr)
+    if not args.runs or args.runs - {"diloco", "ddp", "single"}:
+        parser.error("--runs takes a comma list of diloco, ddp, single")
     if args.steps % args.inner_steps:
         parser.error("--steps must be a multiple of --inner-steps")
     print(json.dumps(trio.run(main_async, args)))
