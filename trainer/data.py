@@ -3,8 +3,9 @@
 Pipeline: sources -> documents (files cut into fixed-size chunks, in sorted order, bounded
 in total size) -> split by a hash of each document id into train and held-out -> the train
 documents become one token stream, cut into `num_shards` shards so each worker reads
-different text (contiguous slices, or the documents dealt out in turn) -> random (inputs, targets) blocks from a shard, or fixed blocks from the
-held-out stream for evaluation.
+different text (contiguous slices, or the documents dealt out in turn) -> random
+(inputs, targets) blocks from a shard, or fixed blocks from the held-out stream for
+evaluation.
 
 Every step is a pure function of the files and the settings: no Python `hash()`, no clock,
 no global RNG. Document ids are relative paths, so two machines with the same files (the same

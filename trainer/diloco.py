@@ -78,6 +78,7 @@ class DiLoCoSettings:
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.1
     inner_warmup_steps: int = 0
+    inner_decay_steps: int | None = None
     inner_grad_clip_norm: float | None = 1.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -193,11 +194,22 @@ class TrainingMetrics:
     eval_loss: float | None
 
 
-def warmup_lr(lr: float, warmup_steps: int, step: int) -> float:
-    """`lr` ramped linearly over the first `warmup_steps` steps (step counts from 0)."""
+def warmup_lr(
+    lr: float,
+    warmup_steps: int,
+    step: int,
+    *,
+    decay_steps: int | None = None,
+    final_ratio: float = 0.1,
+) -> float:
+    """`lr` ramped linearly over the first `warmup_steps` steps (step counts from 0); with
+    `decay_steps`, then cosine-decayed to `lr * final_ratio` at step `decay_steps` and held."""
     if warmup_steps and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    return lr
+    if decay_steps is None or decay_steps <= warmup_steps:
+        return lr
+    progress = min((step - warmup_steps) / (decay_steps - warmup_steps), 1.0)
+    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def weighted_mean(grads: Sequence[PseudoGradient]) -> torch.Tensor:
@@ -316,7 +328,10 @@ class DiLoCoWorker:
     # -- inner loop -----------------------------------------------------------------------
 
     def _inner_lr(self) -> float:
-        return warmup_lr(self.settings.inner_lr, self.settings.inner_warmup_steps, self.inner_step)
+        s = self.settings
+        return warmup_lr(
+            s.inner_lr, s.inner_warmup_steps, self.inner_step, decay_steps=s.inner_decay_steps
+        )
 
     def _inner_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         inputs, targets = inputs.to(self.device), targets.to(self.device)

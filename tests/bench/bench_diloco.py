@@ -117,11 +117,12 @@ def adamw(params: Any, settings: DiLoCoSettings, lr: float) -> torch.optim.AdamW
 
 
 def set_lr(
-    optimizer: torch.optim.Optimizer, args: argparse.Namespace, lr: float, step: int
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, lr: float, step: int, total: int
 ) -> None:
-    """The baselines' lr at `step` (from 0): DiLoCo's inner warmup rule, the same length."""
+    """The baselines' lr at `step` (from 0) of `total`: DiLoCo's inner lr rule (warmup, and
+    with --cosine a decay over the run's own steps)."""
     for group in optimizer.param_groups:
-        group["lr"] = warmup_lr(lr, args.warmup, step)
+        group["lr"] = warmup_lr(lr, args.warmup, step, decay_steps=total if args.cosine else None)
 
 
 async def run_diloco(
@@ -150,6 +151,8 @@ async def run_diloco(
         )
         for w, g in zip(workers, grads, strict=True):
             w.apply_outer(g.buffer, round_index=w.revision)
+            if args.reset_inner_state:  # ablation: fresh AdamW moments every round
+                w.inner = adamw(w.model.parameters(), settings, settings.inner_lr)
         hashes = {w.state_hash() for w in workers}
         assert len(hashes) == 1, "DiLoCo replicas diverged"
         curve.append((tokens, workers[0].evaluate(setup["heldout"])))
@@ -190,7 +193,7 @@ async def run_ddp(
             p.grad = flats[0][slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
-        set_lr(optimizer, args, args.ddp_lr, step - 1)
+        set_lr(optimizer, args, args.ddp_lr, step - 1, args.steps)
         optimizer.step()
         if step % args.inner_steps == 0:
             curve.append((tokens, evaluate_loss(model, setup["heldout"])))
@@ -214,7 +217,7 @@ def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]
         next_token_loss(model, inputs, targets).backward()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
-        set_lr(optimizer, args, args.single_lr, step - 1)
+        set_lr(optimizer, args, args.single_lr, step - 1, WORKERS * args.steps)
         optimizer.step()
         tokens += targets.numel()
         if step % (WORKERS * args.inner_steps) == 0:
@@ -253,6 +256,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         inner_steps=args.inner_steps,
         inner_lr=args.diloco_lr,
         inner_warmup_steps=args.warmup,
+        inner_decay_steps=args.steps if args.cosine else None,
         outer_lr=args.outer_lr,
         outer_momentum=args.outer_momentum,
         outer_nesterov=args.outer_nesterov,
@@ -320,6 +324,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "shards": args.shards,
         "lr": {"diloco_inner": args.diloco_lr, "ddp": args.ddp_lr, "single": args.single_lr},
         "warmup": args.warmup,
+        "cosine": args.cosine,
         "outer": {
             "lr": args.outer_lr,
             "momentum": args.outer_momentum,
@@ -361,6 +366,16 @@ def main() -> None:
     parser.add_argument("--single-lr", type=float, help="the single worker's lr (default --lr)")
     parser.add_argument(
         "--warmup", type=int, default=0, help="linear lr warmup steps (each run's own steps)"
+    )
+    parser.add_argument(
+        "--reset-inner-state",
+        action="store_true",
+        help="ablation: DiLoCo workers start each round with fresh AdamW moments",
+    )
+    parser.add_argument(
+        "--cosine",
+        action="store_true",
+        help="cosine-decay every run's lr to 0.1x over its own steps (after the warmup)",
     )
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.9)
