@@ -5,17 +5,25 @@ library, four disjoint shards), in one process, one after another on the CPU:
 
 (a) DiLoCo: H inner AdamW steps per worker per round, then shoal's all-reduce (the ring of
     `protocols.simnet.RoundRunner`, the same code the daemon runs, over in-memory mailboxes)
-    of the pseudo-gradients weighted by tokens, and the outer Nesterov step (lr 0.7, mom 0.9);
+    of the pseudo-gradients weighted by tokens, and the outer Nesterov step. Bench defaults:
+    H=20 with uint8 pseudo-gradients (a quarter of fp32's bytes, so ~4x the outer steps of
+    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6: the best of a
+    reduced-scale sweep (BENCHMARKS.md); the trainer's defaults (0.7 / 0.9, the paper's) are
+    for runs with hundreds of outer steps, this one has 25;
 (b) data parallel (the DDP baseline): every step each worker's gradient on its own batch goes
     through the same all-reduce; the averaged gradient drives one AdamW step on every replica
     (the replicas stay identical, so one model stands for the four);
 (c) one worker alone on the whole train text, with as many steps as the four workers together.
 
-All three see the same number of training tokens and use the same AdamW settings. Reported:
+All three see the same number of training tokens and, unless flags say otherwise, the same
+AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo). Reported:
 the final held-out loss of each, the tensor bytes each worker sends in the all-reduce (counted
 at the transport), their ratios, and the loss curves as a PNG (with matplotlib installed).
 
-    .venv/bin/python tests/bench/bench_diloco.py [--steps 500] [--inner-steps 50] [--png PATH]
+    .venv/bin/python tests/bench/bench_diloco.py [--steps 500] [--inner-steps 20] [--png PATH]
+
+(`--help` lists the sweep flags: outer lr/momentum/Nesterov, per-run lr, warmup, cosine,
+shard layout, `--runs` to do only some of the three.)
 
 The last stdout line is one JSON object. Targets: loss_ratio_vs_ddp <= 1.03 and
 bytes_ratio_ddp_over_diloco >= 50 (the DiLoCo paper: matched at 500x less communication).
@@ -352,11 +360,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=500, help="inner steps per worker")
-    parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
+    parser.add_argument("--inner-steps", type=int, default=20, help="DiLoCo H")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--diloco-compression",
-        default="none",
+        default="uint8",
         choices=[c.value for c in Compression],
         help="codec of DiLoCo's pseudo-gradients in the all-reduce (the baseline sends fp32)",
     )
@@ -378,7 +386,7 @@ def main() -> None:
         help="cosine-decay every run's lr to 0.1x over its own steps (after the warmup)",
     )
     parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-momentum", type=float, default=0.6)
     parser.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--shards",
