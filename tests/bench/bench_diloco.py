@@ -7,16 +7,17 @@ library, four disjoint shards), in one process, one after another on the CPU:
     `protocols.simnet.RoundRunner`, the same code the daemon runs, over in-memory mailboxes)
     of the pseudo-gradients weighted by tokens, and the outer Nesterov step. Bench defaults:
     H=20 with uint8 pseudo-gradients (a quarter of fp32's bytes, so ~4x the outer steps of
-    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6: the best of a
-    reduced-scale sweep (BENCHMARKS.md); the trainer's defaults (0.7 / 0.9, the paper's) are
-    for runs with hundreds of outer steps, this one has 25;
+    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6, a 20-step inner lr
+    warmup: the best of a reduced-scale sweep (BENCHMARKS.md); the trainer's defaults
+    (0.7 / 0.9, the paper's) are for runs with hundreds of outer steps, this one has 25;
 (b) data parallel (the DDP baseline): every step each worker's gradient on its own batch goes
     through the same all-reduce; the averaged gradient drives one AdamW step on every replica
     (the replicas stay identical, so one model stands for the four);
 (c) one worker alone on the whole train text, with as many steps as the four workers together.
 
 All three see the same number of training tokens and, unless flags say otherwise, the same
-AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo). Reported:
+AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo), except that
+only DiLoCo warms up (a warmup made DDP worse: each gets its better choice). Reported:
 the final held-out loss of each, the tensor bytes each worker sends in the all-reduce (counted
 at the transport), their ratios, and the loss curves as a PNG (with matplotlib installed).
 
@@ -263,7 +264,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     settings = DiLoCoSettings(
         inner_steps=args.inner_steps,
         inner_lr=args.diloco_lr,
-        inner_warmup_steps=args.warmup,
+        inner_warmup_steps=args.diloco_warmup,
         inner_decay_steps=args.steps if args.cosine else None,
         outer_lr=args.outer_lr,
         outer_momentum=args.outer_momentum,
@@ -307,7 +308,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     curves = {k: v for k, v in curves.items() if v}
     title = (
         f"tiny ({config.parameter_count():,} params), {WORKERS} workers, "
-        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each; "
+        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each\n"
         f"DiLoCo H={args.inner_steps}"
         + ("" if args.diloco_compression == "none" else f" ({args.diloco_compression})")
         + f", outer lr {args.outer_lr} mom {args.outer_momentum}"
@@ -331,7 +332,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "shards": args.shards,
         "lr": {"diloco_inner": args.diloco_lr, "ddp": args.ddp_lr, "single": args.single_lr},
-        "warmup": args.warmup,
+        "warmup": {"diloco": args.diloco_warmup, "baselines": args.warmup},
         "cosine": args.cosine,
         "outer": {
             "lr": args.outer_lr,
@@ -373,7 +374,10 @@ def main() -> None:
     parser.add_argument("--ddp-lr", type=float, help="the DDP baseline's lr (default --lr)")
     parser.add_argument("--single-lr", type=float, help="the single worker's lr (default --lr)")
     parser.add_argument(
-        "--warmup", type=int, default=0, help="linear lr warmup steps (each run's own steps)"
+        "--warmup",
+        type=int,
+        default=0,
+        help="the baselines' (DDP, single) linear lr warmup steps (DDP was best with none)",
     )
     parser.add_argument(
         "--reset-inner-state",
@@ -384,6 +388,13 @@ def main() -> None:
         "--cosine",
         action="store_true",
         help="cosine-decay every run's lr to 0.1x over its own steps (after the warmup)",
+    )
+    parser.add_argument(
+        "--diloco-warmup",
+        type=int,
+        default=20,
+        help="DiLoCo's inner lr warmup steps (20 helped DiLoCo in the sweep; DDP was best "
+        "with none, see --warmup)",
     )
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.6)
