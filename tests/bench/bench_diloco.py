@@ -7,17 +7,17 @@ library, four disjoint shards), in one process, one after another on the CPU:
     `protocols.simnet.RoundRunner`, the same code the daemon runs, over in-memory mailboxes)
     of the pseudo-gradients weighted by tokens, and the outer Nesterov step. Bench defaults:
     H=20 with uint8 pseudo-gradients (a quarter of fp32's bytes, so ~4x the outer steps of
-    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6, a 20-step inner lr
-    warmup: the best of a reduced-scale sweep (BENCHMARKS.md); the trainer's defaults
-    (0.7 / 0.9, the paper's) are for runs with hundreds of outer steps, this one has 25;
+    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6: the best of a
+    reduced-scale sweep (BENCHMARKS.md); the trainer's defaults (0.7 / 0.9, the paper's) are
+    for runs with hundreds of outer steps, this one has 25;
 (b) data parallel (the DDP baseline): every step each worker's gradient on its own batch goes
     through the same all-reduce; the averaged gradient drives one AdamW step on every replica
     (the replicas stay identical, so one model stands for the four);
 (c) one worker alone on the whole train text, with as many steps as the four workers together.
 
 All three see the same number of training tokens and, unless flags say otherwise, the same
-AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo), except that
-only DiLoCo warms up (a warmup made DDP worse: each gets its better choice). Reported:
+AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo; no warmup
+unless --warmup, which then applies to all three runs). Reported:
 the final held-out loss of each, the tensor bytes each worker sends in the all-reduce (counted
 at the transport), their ratios, and the loss curves as a PNG (with matplotlib installed).
 
@@ -377,7 +377,7 @@ def main() -> None:
         "--warmup",
         type=int,
         default=0,
-        help="the baselines' (DDP, single) linear lr warmup steps (DDP was best with none)",
+        help="linear lr warmup steps of every run (each run's own steps)",
     )
     parser.add_argument(
         "--reset-inner-state",
@@ -390,11 +390,7 @@ def main() -> None:
         help="cosine-decay every run's lr to 0.1x over its own steps (after the warmup)",
     )
     parser.add_argument(
-        "--diloco-warmup",
-        type=int,
-        default=20,
-        help="DiLoCo's inner lr warmup steps (20 helped DiLoCo in the sweep; DDP was best "
-        "with none, see --warmup)",
+        "--diloco-warmup", type=int, help="DiLoCo's inner lr warmup steps (default --warmup)"
     )
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.6)
@@ -420,6 +416,8 @@ def main() -> None:
     for name in ("diloco_lr", "ddp_lr", "single_lr"):
         if getattr(args, name) is None:
             setattr(args, name, args.lr)
+    if args.diloco_warmup is None:
+        args.diloco_warmup = args.warmup
     if not args.runs or args.runs - {"diloco", "ddp", "single"}:
         parser.error("--runs takes a comma list of diloco, ddp, single")
     if args.steps % args.inner_steps:
