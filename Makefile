@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint unit bench soak clean
+.PHONY: venv demo test lint unit bench soak clean netlab-deps
 
 venv: $(STAMP)
 
@@ -22,11 +22,18 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint netlab-deps
 	$(BIN)/python -m pytest -q
+
+# The NAT lab's tools (iptables, miniupnpd) when root and missing; lab tests skip otherwise.
+netlab-deps:
+	deploy/netlab-deps.sh
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
+
+soak: venv
+	CHAOS_S=$${CHAOS_S:-1800} $(BIN)/python -m pytest -q -s tests/integration/test_chaos.py
 
 bench: venv
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -51,6 +51,9 @@ class ControlLinks:
         self._out: dict[str, INetStream] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.rejected_frames = 0
+        # Set by the daemon: reach a peer with no connection yet (e.g. through a relay), since
+        # libp2p's own dial knows only the peer's direct addresses.
+        self.connect: Callable[[str], Awaitable[bool]] | None = None
         host.set_stream_handler(protocol_id, self._serve_inbound)
 
     async def send(self, peer_id: str, message: dict[str, Any]) -> bool:
@@ -61,6 +64,8 @@ class ControlLinks:
             try:
                 stream = self._out.get(peer_id)
                 if stream is None:
+                    if self.connect is not None:
+                        await self.connect(peer_id)
                     with trio.fail_after(self.settings.open_timeout_s):
                         stream = await self.host.new_stream(
                             ID.from_base58(peer_id), [self.protocol_id]

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("id", "peer id and addresses"),
         ("status", "this node and the swarm"),
         ("peers", "one line per known peer"),
+        ("netcheck", "reachability, NAT mapping, port mapping, relays, and what to do"),
     ):
         cmd = sub.add_parser(name, help=help_text)
         _add_home(cmd)
@@ -213,6 +214,8 @@ def _client(args: argparse.Namespace, home: Path) -> int:
         print(format_status(result))
     elif args.command == "peers":
         print(format_peers(result))
+    elif args.command == "netcheck":
+        print(format_netcheck(result))
     else:
         print(result["peer_id"])
         for addr in result["addrs"]:
@@ -275,6 +278,33 @@ def format_peers(peers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_netcheck(check: dict[str, Any]) -> str:
+    varies = check["mapping_varies_by_destination"]
+    mapping = check["port_mapping"]
+    lines = [
+        f"reachability  {check['reachability']}  (listening on {check['listen']})",
+        "nat mapping   "
+        + {True: "varies by destination (symmetric)", False: "same for every destination"}.get(
+            varies, "unknown (fewer than two members observed it)"
+        ),
+        f"port mapping  {mapping.get('method', 'none')}: "
+        + (f"mapped {mapping.get('external', '')}" if mapping.get("ok") else mapping["reason"]),
+        f"relay service {'on' if check['relay_service'] else 'off'}",
+    ]
+    lines += [
+        f"dial-back     {d['peer_id']}  {'reached' if d['ok'] else 'failed'}: {d['reason']}"
+        for d in check["dialbacks"]
+    ]
+    lines += [f"observed      {o['addr']}  by {o['peer_id']}" for o in check["observed"]]
+    lines += [
+        f"relay         {r['peer_id']}  {r['addr']}  rtt "
+        + ("-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms")
+        for r in check["relays"]
+    ]
+    lines.append(f"advice        {check['advice']}")
+    return "\n".join(lines)
+
+
 def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     if not allreduce:
         return "-"
@@ -292,6 +322,25 @@ def _allreduce_line(allreduce: dict[str, Any] | None) -> str:
     return text
 
 
+def _zo_line(training: dict[str, Any]) -> str:
+    loss = training.get("loss")
+    join = training.get("join") or {}
+    text = (
+        f"zo {training['phase']} step {training['step']}, loss "
+        f"{'-' if loss is None else f'{loss:.4f}'}, {training['records_per_step'] or 0} records "
+        f"and {training['bytes_per_step'] or 0} B sent per step, {len(training['members'])} "
+        f"members, parity checks {training['parity_checks_passed']} passed "
+        f"{training['parity_checks_failed']} failed, {training['rejected']} rejected"
+    )
+    if join.get("done"):
+        text += (
+            f"; joined by replay of {join['steps_replayed']} steps in "
+            f"{_bytes(join['snapshot_bytes'] + join['log_bytes'])} "
+            f"(full state {_bytes(join['full_state_bytes'])})"
+        )
+    return text
+
+
 def _number(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -299,6 +348,8 @@ def _number(value: Any, fmt: str) -> str:
 def _training_line(training: dict[str, Any] | None) -> str:
     if not training:
         return "-"
+    if training.get("mode") == "zo":
+        return _zo_line(training)
     if training.get("mode") != "diloco":
         return json.dumps(training)
     if training.get("error"):

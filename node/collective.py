@@ -26,7 +26,13 @@ import trio
 from net.bulk_frames import BulkError
 from net.bulk_peers import BulkPeers, BulkUnavailable
 from net.links import ControlLinks
-from protocols.allreduce import AllReduceMember, AllReduceSettings, Completed, Skipped
+from protocols.allreduce import (
+    AllReduceMember,
+    AllReduceSettings,
+    Completed,
+    JoinFailed,
+    Skipped,
+)
 from protocols.codec import Compression
 from protocols.shared_state import SharedState, SharedStateError
 from protocols.simnet import RoundResult, RoundRunner, RunnerSettings, StateSync, TransportError
@@ -94,10 +100,11 @@ class NetTransport:
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk send: {exc}") from None
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes:
+    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray:
         try:
             channel = await self.bulk.get(peer)
-            return bytes(await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s))
+            # the channel's fresh bytearray, not a copy (the ring only reads it)
+            return await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s)
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk receive: {exc}") from None
 
@@ -162,6 +169,7 @@ class AllReduceGroup:
         settings: GroupSettings,
         peers: Callable[[], dict[str, str]],
         link_costs: Callable[[], dict[tuple[str, str], float]] = dict,
+        may_found: Callable[[], bool] = lambda: True,
     ) -> None:
         self.me = me
         self.group = group
@@ -169,6 +177,7 @@ class AllReduceGroup:
         self.settings = settings
         self.peers = peers  # peer id -> "waiting" | "member", from the presence records
         self.link_costs = link_costs  # measured (a, b) -> seconds, to order the ring
+        self.may_found = may_found  # False while a node told to join a swarm is not in it yet
         self.phase = "waiting"
         self.runner: RoundRunner | None = None
         self.sync: StateSync | None = None
@@ -205,15 +214,19 @@ class AllReduceGroup:
             self.state = SharedState({"acc": torch.zeros(elems, dtype=torch.float32)}, 0)
         contacts = await self._find_group()
         while True:
-            await self._membership(contacts)
+            admitted = await self._membership(contacts)
             self.phase = "waiting"
             if self._member.is_set():  # request_rejoin() may have made a fresh one already
                 self._member = trio.Event()
-            log.info("fell out of all-reduce group %r; joining again", self.group)
+            if admitted:
+                log.info("fell out of all-reduce group %r; joining again", self.group)
+            else:  # the contacts' records may outlive them a while: do not spin on them
+                await trio.sleep(self.settings.skip_backoff_s)
             contacts = await self._find_group()
 
-    async def _membership(self, contacts: list[str]) -> None:
-        """One stay in the group: returns when this member has to join again."""
+    async def _membership(self, contacts: list[str]) -> bool:
+        """One stay in the group: returns when this member has to join again (False: it was
+        never admitted)."""
         log.info(
             "%s all-reduce group %r",
             f"joining {contacts} in" if contacts else "founding",
@@ -233,8 +246,17 @@ class AllReduceGroup:
             nursery.start_soon(self.runner.serve)
             if contacts:
                 admitted = await self.runner.join()
+                if isinstance(admitted, JoinFailed):
+                    log.info("not admitted to all-reduce group %r: %s", self.group, admitted.reason)
+                    nursery.cancel_scope.cancel()
+                    return False
                 log.info("admitted to all-reduce group %r at round %d", self.group, admitted.round)
-                await self._sync_state(list(admitted.members), admitted.round)
+                if not await self._sync_state(list(admitted.members), admitted.round):
+                    # Taking part with a state the group does not hold would make every round
+                    # from now on diverge: join again (and fetch it again) instead.
+                    log.info("newcomer without the shared state; joining %r again", self.group)
+                    nursery.cancel_scope.cancel()
+                    return False
             self.phase = "member"
             self._member.set()
             if self.settings.workload == "check":
@@ -243,15 +265,19 @@ class AllReduceGroup:
                 await self._rejoin.wait()
                 self._rejoin = trio.Event()
             nursery.cancel_scope.cancel()
+        return True
 
     async def _find_group(self) -> list[str]:
         """Members already in the group; none means this node founds it.
 
         A node founds the group only after ``join_wait_s`` without seeing a member, and only if
         its peer id is the lowest of the nodes waiting to join, so nodes that start together
-        found one group, not several.
+        found one group, not several. A node told to join a swarm founds nothing before it is
+        in the swarm (``may_found``): one whose bootstrap died before it got in would otherwise
+        found a second group of the same name, and the swarm would be split for good.
         """
         deadline = trio.current_time() + self.settings.join_wait_s
+        said_why = False
         while True:
             peers = self.peers()
             members = sorted(p for p, phase in peers.items() if phase == "member")
@@ -259,19 +285,28 @@ class AllReduceGroup:
                 return members
             waiting = [p for p, phase in peers.items() if phase == "waiting"]
             if trio.current_time() >= deadline and all(self.me < p for p in waiting):
-                return []
+                if self.may_found():
+                    return []
+                if not said_why:
+                    log.info("not founding all-reduce group %r: not in the swarm yet", self.group)
+                    said_why = True
             await trio.sleep(self.settings.group_poll_s)
 
     async def _sync_state(
         self, members: list[str], round_index: int, newcomer: bool = True
-    ) -> None:
+    ) -> bool:
+        """Vote on the shared state with ``members`` and fetch what differs; False if that
+        failed (a donor died mid-fetch, nobody answered): the state may then be stale."""
         assert self.sync is not None
         others = [m for m in members if m != self.me]
         try:
             self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=newcomer)
+            synced = True
         except (SharedStateError, trio.TooSlowError, TransportError) as exc:
             log.warning("shared-state sync failed: %s", exc)
+            synced = False
         self.sync.mark_round(round_index)
+        return synced
 
     async def wait_member(self) -> None:
         """Return once this node is a member of the group (founded or admitted)."""
@@ -343,6 +378,7 @@ class AllReduceGroup:
             "aborts": len(result.aborts),
             "abort_reasons": [a.reason for a in result.aborts],
             "duration_s": round(time.monotonic() - started, 4),
+            "ended_at": round(time.time(), 4),  # wall clock: comparable across processes
         }
         if isinstance(outcome, Completed):
             self.rounds_done += 1
@@ -363,7 +399,8 @@ class AllReduceGroup:
 
     async def _check_rounds(self) -> None:
         """Back-to-back rounds until ``rejoin_after_skips`` rounds in a row are skipped while
-        other members are around (this member fell behind the group)."""
+        other members are around that this member did not admit itself (it fell behind the
+        group; see ``AllReduceMember.left_out_by``)."""
         assert self.runner is not None and self.sync is not None
         compression = Compression(self.settings.compression)
         skipped_in_a_row = 0
@@ -381,17 +418,19 @@ class AllReduceGroup:
                 skipped_in_a_row += 1
                 if self.runner.machine.left_behind_at is not None:
                     return  # the group went on without this member: join it again
-                if skipped_in_a_row >= self.settings.rejoin_after_skips and any(
-                    phase == "member" for phase in self.peers().values()
+                members = [p for p, phase in self.peers().items() if phase == "member"]
+                if skipped_in_a_row >= self.settings.rejoin_after_skips and (
+                    self.runner.machine.left_out_by(members)
                 ):
                     return
                 # The others may have completed the round without this member (an admitted
                 # joiner still fetching, a member excluded as late): vote again and fetch what
                 # moved; a member whose state agrees moves no bytes.
                 machine = self.runner.machine
-                await self._sync_state(
+                if not await self._sync_state(
                     sorted(machine.view - machine.lost), machine.round, newcomer=False
-                )
+                ):
+                    return  # it may have missed a round's update: join again, fetch it all
                 await trio.sleep(self.settings.skip_backoff_s)
             else:
                 skipped_in_a_row = 0
@@ -401,6 +440,7 @@ class AllReduceGroup:
         return {
             "group": self.group,
             "workload": self.settings.workload,
+            "phase": self.phase,
             "round": None if self.runner is None else self.runner.machine.round,
             "rounds_done": self.rounds_done,
             "aborted": self.aborted,

@@ -64,6 +64,24 @@ class NodeConfig:
     allreduce_ready_timeout_s: float = 10.0
     allreduce_accept_timeout_s: float = 5.0
     allreduce_coordinator_timeout_s: float = 5.0
+    reachability_min_answers: int = 2
+    nat_probe_interval_s: float = 60.0
+    nat_dialback_timeout_s: float = 3.0
+    nat_probe_port: int = 0
+    nat_direct_dial_timeout_s: float = 1.5
+    relay_service: str = "auto"
+    relay_reservations: int = 2
+    relay_max_reservations: int = 64
+    relay_reservation_ttl_s: float = 120.0
+    relay_max_circuits_per_peer: int = 8
+    relay_circuit_max_s: float = 3600.0
+    relay_circuit_max_bytes: int = 1 << 30
+    relay_handshake_timeout_s: float = 5.0
+    holepunch: str = "on"
+    holepunch_attempt_timeout_s: float = 5.0
+    port_mapping: str = "auto"
+    port_mapping_timeout_s: float = 5.0
+    allreduce_join_timeout_s: float = 5.0
     capacity: dict[str, Any] = field(default_factory=dict)
     # training (see node/diloco_mode.py for what each DiLoCo key does)
     train: str = "none"
@@ -83,6 +101,29 @@ class NodeConfig:
     diloco_eval_batches: int = 8
     diloco_checkpoint_every: int = 5
     diloco_threads: int = 0
+    # Shared-seed zeroth-order training (train = "zo"); see node/zo_mode.py and README.
+    zo_model: str = "micro"
+    zo_model_seed: int = 0
+    zo_context_tokens: int = 32
+    zo_batch_size: int = 8
+    zo_corpus_bytes: int = 1 << 20
+    zo_corpus_sources: tuple[str, ...] = ()
+    zo_init_checkpoint: str = ""
+    zo_lr: float = 1e-3
+    zo_eps: float = 1e-3
+    zo_samples_per_step: int = 1
+    zo_hash_every_steps: int = 10
+    zo_fedkseed_k: int = 0
+    zo_seed_sampling: str = "uniform"
+    zo_min_members: int = 1
+    zo_join_wait_s: float = 3.0
+    zo_step_timeout_s: float = 5.0
+    zo_close_timeout_s: float = 10.0
+    zo_anti_entropy_s: float = 1.0
+    zo_repair_wait_s: float = 0.5
+    zo_tick_s: float = 0.1
+    zo_torch_threads: int = 1
+    zo_fault: str = "none"
 
     @property
     def socket_path(self) -> Path:
@@ -267,8 +308,28 @@ KEYS: dict[str, Key] = {
     "allreduce_ready_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_accept_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_coordinator_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "reachability_min_answers": Key(
+        _positive_int, "a positive number of members whose dial-backs decide reachability"
+    ),
+    "nat_probe_interval_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_dialback_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_direct_dial_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "nat_probe_port": Key(_port, "a TCP port number, 0 for any free port"),
+    "relay_service": Key(_choice("auto", "off"), "one of: auto (relay while public), off"),
+    "relay_reservations": Key(_positive_int, "a positive number of relays to hold a slot on"),
+    "relay_max_reservations": Key(_positive_int, "a positive number of reservations"),
+    "relay_reservation_ttl_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_max_circuits_per_peer": Key(_positive_int, "a positive number of circuits"),
+    "relay_circuit_max_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_circuit_max_bytes": Key(_positive_int, "a positive integer number of bytes"),
+    "relay_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "holepunch": Key(_choice("on", "off"), "one of: on, off"),
+    "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
+    "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_join_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
-    "train": Key(_choice("none", "diloco"), "one of: none, diloco"),
+    "train": Key(_choice("none", "diloco", "zo"), "one of: none, diloco, zo"),
     "diloco_model": Key(
         _choice("tiny", "small", "base", "350m"), "a model size: tiny, small, base, 350m"
     ),
@@ -289,6 +350,33 @@ KEYS: dict[str, Key] = {
     "diloco_eval_batches": Key(_positive_int, "a positive number of held-out batches"),
     "diloco_checkpoint_every": Key(_non_negative_int, "rounds between checkpoints, 0 = never"),
     "diloco_threads": Key(_non_negative_int, "torch threads, 0 = torch's default"),
+    "zo_model": Key(_choice("nano", "micro", "tiny", "small"), "one of: nano, micro, tiny, small"),
+    "zo_model_seed": Key(
+        _non_negative_int, "an integer >= 0 (theta_0's seed; the same on every node)"
+    ),
+    "zo_context_tokens": Key(_positive_int, "a positive number of tokens"),
+    "zo_batch_size": Key(_positive_int, "a positive number of sequences per SPSA sample"),
+    "zo_corpus_bytes": Key(_positive_int, "a positive number of bytes of training text"),
+    "zo_corpus_sources": Key(_paths, "text files or folders (comma list); empty = stdlib *.py"),
+    "zo_init_checkpoint": Key(_text, "a safetensors checkpoint to start from (e.g. DiLoCo's)"),
+    "zo_lr": Key(_positive_number, "a positive learning rate"),
+    "zo_eps": Key(_positive_number, "a positive perturbation size"),
+    "zo_samples_per_step": Key(_positive_int, "a number of SPSA samples per node-step, 1-255"),
+    "zo_hash_every_steps": Key(_positive_int, "a positive number of steps between hash checks"),
+    "zo_fedkseed_k": Key(_non_negative_int, "0 (off) or the number K of FedKSeed candidate seeds"),
+    "zo_seed_sampling": Key(_choice("uniform", "weighted"), "one of: uniform, weighted"),
+    "zo_min_members": Key(_positive_int, "a positive number of members before step 0"),
+    "zo_join_wait_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_step_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_close_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_anti_entropy_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_repair_wait_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_tick_s": Key(_positive_seconds, "a positive number of seconds"),
+    "zo_torch_threads": Key(_positive_int, "a positive number of torch CPU threads"),
+    "zo_fault": Key(
+        _choice("none", "bad_records", "outsider", "drift"),
+        "one of: none, bad_records, outsider, drift (fault injection for tests)",
+    ),
 }
 
 
@@ -350,6 +438,8 @@ def load_config(
             values[key] = _parse(key, value, f"from flag --{key.replace('_', '-')}")
 
     config = NodeConfig(home=home, **values)
+    if not 1 <= config.zo_samples_per_step <= 255:
+        raise ConfigError(f"zo_samples_per_step must be 1-255, got {config.zo_samples_per_step}")
     if config.record_ttl_s < 2 * config.heartbeat_s:
         raise ConfigError(
             f"record_ttl_s ({config.record_ttl_s}) must be at least twice heartbeat_s "

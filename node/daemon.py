@@ -23,11 +23,12 @@ import msgpack
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from net.bulk import BulkListener, BulkSettings
 from net.bulk_peers import BulkPeers
+from net.holepunch import HolePunchSettings
 from net.host import (
     WIRE,
     announce_addrs,
@@ -41,12 +42,15 @@ from net.host import (
     swarm_protocol,
 )
 from net.links import ControlLinks, LinkSettings
+from net.nat import NatService, NatSettings
+from net.relay import RelaySettings
 from node.config import NodeConfig
 from node.control import ControlError, serve_control
 from protocols.dht_direct import DirectDHT, DirectDHTSettings, Done, closest
 from protocols.dht_direct import Reaction as DHTReaction
 from protocols.membership import Membership, MembershipSettings
 from protocols.presence import PresenceRecord, Signer, decode_record
+from protocols.relay import RelayLimits
 
 if TYPE_CHECKING:  # torch (~190 MB of RSS) is imported only by nodes that run a workload
     from node.collective import AllReduceGroup
@@ -61,6 +65,7 @@ VERSION = "0.1.0"
 # (called when the node starts leaving) ends its torch work early.
 TRAIN_MODES: dict[str, tuple[str, str]] = {
     "diloco": ("node.diloco_mode", "DiLoCoMode"),
+    "zo": ("node.zo_mode", "ZOMode"),
 }
 
 
@@ -104,6 +109,7 @@ class Node:
         self.training: dict[str, Any] | None = None
         self.group: AllReduceGroup | None = None
         self.train_mode: Any = None
+        self._joined_swarm = False  # a --join address answered (not just: someone joined us)
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -171,6 +177,18 @@ class Node:
             self._nursery = nursery
             await nursery.start(serve_control, self.config.socket_path, self._control)
             await self._start_bulk(nursery)
+            self.nat = NatService(
+                self.host,
+                self.links,
+                self.peer_id,
+                lambda name: swarm_protocol(self.config.swarm, name),
+                _nat_settings(self.config),
+                lambda: [m.record.peer_id for m in self.membership.table.others()],
+                lambda pid: (self.liveness.get(pid) or PeerLiveness()).rtt_ms,
+                self._on_path_change,
+            )
+            await nursery.start(self.nat.serve, _bind_host(self.config.listen))
+            self.links.connect = self._ensure_connected
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
@@ -239,7 +257,10 @@ class Node:
                 ready_timeout_s=c.allreduce_ready_timeout_s,
                 accept_timeout_s=c.allreduce_accept_timeout_s,
                 coordinator_timeout_s=c.allreduce_coordinator_timeout_s,
-                proposal_timeout_s=c.allreduce_ready_timeout_s + 2 * c.allreduce_join_wait_s + 5,
+                join_timeout_s=c.allreduce_join_timeout_s,
+                proposal_timeout_s=c.allreduce_ready_timeout_s
+                + max(2 * c.allreduce_join_wait_s, c.allreduce_join_timeout_s)
+                + 5,
             ),
         )
 
@@ -251,13 +272,20 @@ class Node:
                     out[member.record.peer_id] = str(group.get("phase"))
             return out
 
-        return AllReduceGroup(self.peer_id, c.swarm, transport, settings, peers, self._link_costs)
+        def may_found() -> bool:
+            # A node given --join founds nothing before one of those addresses answered: nodes
+            # that joined *it* meanwhile do not make it part of the swarm it was sent to.
+            return not c.join or self._joined_swarm
+
+        return AllReduceGroup(
+            self.peer_id, c.swarm, transport, settings, peers, self._link_costs, may_found
+        )
 
     # ------------------------------------------------------------------ membership
 
     def _describe_self(self) -> dict[str, Any]:
         return {
-            "addrs": self.addrs,
+            "addrs": self.addrs + (self.nat.extra_addrs() if hasattr(self, "nat") else []),
             "role": self.config.role,
             "version": VERSION,
             "capacity": {"cpus": os.cpu_count() or 1, **self.config.capacity},
@@ -330,15 +358,17 @@ class Node:
             return True
         member = self.membership.table.get(peer_id)
         live = self.liveness.setdefault(peer_id, PeerLiveness())
-        if member is None or live.dialing:
+        if member is None:
             return False
+        if live.dialing:  # another task is dialing it: wait for that dial's outcome
+            with trio.move_on_after(2 * self.config.connect_timeout_s):
+                while live.dialing:
+                    await trio.sleep(0.05)
+            return connection_info(self.host, peer_id)[0] != "none"
         live.dialing, live.last_dial = True, time.monotonic()
-        info = PeerInfo(
-            ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in member.record.addrs]
-        )
-        try:
-            with trio.fail_after(self.config.connect_timeout_s):
-                await self.host.connect(info)
+        try:  # directly, else through a relay the member published (net/nat.py)
+            with trio.fail_after(2 * self.config.connect_timeout_s):
+                await self.nat.connect(peer_id, list(member.record.addrs))
         except Exception as exc:  # unreachable for now: the next heartbeat tries again
             log.debug("cannot connect to member %s: %s", peer_id, exc)
             return False
@@ -353,11 +383,20 @@ class Node:
         except Exception as exc:
             log.debug("DHT routing table refused %s: %s", peer_id, exc)
 
+    def _on_path_change(self, peer_id: str) -> None:
+        """A hole punch made the path to ``peer_id`` direct: move the links and bulk to it."""
+        self.bulk.close(peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.links.forget, peer_id)
+
     def _forget(self, peer_id: str) -> None:
         self.liveness.pop(peer_id, None)
+        self.nat.forget(peer_id)
         self._dht_react(self.direct_dht.on_peer_lost(peer_id))
         if self.group is not None:
             self.group.on_peer_lost(peer_id)
+        if self.config.train == "zo" and self.train_mode is not None:
+            self.train_mode.on_peer_lost(peer_id)
         self.bulk.close(peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self.links.forget, peer_id)
@@ -373,6 +412,7 @@ class Node:
                 await self._add_to_dht(bootstrap)
                 if await self.links.send(bootstrap, self.membership.hello(time.time())):
                     log.info("joined swarm %r through %s", self.config.swarm, addr)
+                    self._joined_swarm = True
                     return
                 reason = "it did not accept a control stream (is it a shoal node of this swarm?)"
             except trio.TooSlowError:
@@ -394,6 +434,10 @@ class Node:
         kind = message["t"]
         # The all-reduce machine checks senders itself (a joiner is not a group member yet, and
         # its ar.join may outrun its presence record); every control link is Noise-authenticated.
+        # ZO mode: its record log ("zo.") and its snapshot's shared-state sync ("ss.").
+        if self.config.train == "zo" and kind.startswith(("zo.", "ss.")) and self.train_mode:
+            await self.train_mode.on_control(sender, message)
+            return
         if kind.startswith(("ar.", "ss.")):
             if self.group is not None:
                 self.group.on_control(sender, message)
@@ -402,6 +446,9 @@ class Node:
             return
         if kind.startswith("bulk."):
             self.bulk.on_message(sender, message)
+            return
+        if kind.startswith("nat."):
+            self.nat.on_message(sender, message)
             return
         if kind.startswith("dht."):
             self._dht_react(self.direct_dht.on_message(sender, message, time.monotonic()))
@@ -428,6 +475,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for peer_id, message in self.membership.leave(time.time()):
                     nursery.start_soon(self.links.send, peer_id, message)
+                nursery.start_soon(self.nat.leave)
         log.info("left swarm %r", self.config.swarm)
 
     # ------------------------------------------------------------------ DHT
@@ -558,6 +606,8 @@ class Node:
                 None if record is None else {"peer_id": record.peer_id, "addrs": list(record.addrs)}
             )
             return {"record": found, "elapsed_ms": elapsed_ms, "path": path}
+        if cmd == "netcheck":
+            return self.nat.netcheck()
         if cmd == "dht_put":
             started = time.perf_counter()
             stored = await self.publish_to_dht()
@@ -567,7 +617,8 @@ class Node:
             kad_ms = (time.perf_counter() - started) * 1000
             return {"elapsed_ms": direct_ms, "stored": stored, "kademlia_elapsed_ms": kad_ms}
         raise ControlError(
-            f"unknown command {cmd[:40]!r}; known: status, peers, id, stop, dht_get, dht_put"
+            f"unknown command {cmd[:40]!r}; "
+            "known: status, peers, id, stop, netcheck, dht_get, dht_put"
         )
 
     def p2p_addrs(self) -> list[str]:
@@ -603,7 +654,8 @@ class Node:
             "version": VERSION,
             "home": str(self.config.home),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "reachability": "unknown",
+            "reachability": self.nat.verdict(),
+            "nat": self.nat.status(),
             "swarm_size": len(self.membership.table.peer_ids()),
             "peers": peers,
             "bytes_in": WIRE.bytes_in,
@@ -616,6 +668,33 @@ class Node:
             "training": self.training if self.train_mode is None else self.train_mode.status(),
             "allreduce": None if self.group is None else self.group.status(),
         }
+
+
+def _nat_settings(c: NodeConfig) -> NatSettings:
+    return NatSettings(
+        min_answers=c.reachability_min_answers,
+        probe_interval_s=c.nat_probe_interval_s,
+        dialback_timeout_s=c.nat_dialback_timeout_s,
+        probe_port=c.nat_probe_port,
+        relay_service=c.relay_service,
+        reservations=c.relay_reservations,
+        direct_dial_timeout_s=c.nat_direct_dial_timeout_s,
+        wait_for_dialer_s=c.connect_timeout_s,
+        holepunch=c.holepunch == "on",
+        relay=RelaySettings(
+            handshake_timeout_s=c.relay_handshake_timeout_s,
+            limits=RelayLimits(
+                max_reservations=c.relay_max_reservations,
+                reservation_ttl_s=c.relay_reservation_ttl_s,
+                max_circuits_per_peer=c.relay_max_circuits_per_peer,
+                circuit_max_s=c.relay_circuit_max_s,
+                circuit_max_bytes=c.relay_circuit_max_bytes,
+            ),
+        ),
+        punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
+        port_mapping=c.port_mapping == "auto",
+        port_mapping_timeout_s=c.port_mapping_timeout_s,
+    )
 
 
 def _bind_host(listen: tuple[str, ...]) -> str:

@@ -66,6 +66,7 @@ class AllReduceSettings:
     coordinator_timeout_s: float = 10.0  # member waits for a retry proposal (Go: plus accept)
     attempt_timeout_s: float = 300.0  # data phase plus Done collection
     max_attempts: int = 8
+    join_requests: int = 3  # a joiner gives up after this many unanswered requests
     chunk_elems: int = 1 << 18  # sub-chunk of the ring pipeline (1 MiB of float32)
     max_chunk_elems: int = 1 << 26
     max_group_size: int = 256
@@ -466,6 +467,13 @@ class ParityMismatch:
 
 
 @dataclass(frozen=True)
+class JoinFailed:
+    """No contact admitted this joiner (all lost, or silent): find the group again."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Admitted:
     """A joiner was told its first round: sync the shared state, then ``begin(round)``."""
 
@@ -473,7 +481,17 @@ class Admitted:
     members: tuple[str, ...]
 
 
-Event = Send | StartTransfer | Aborted | Completed | Skipped | Rejected | ParityMismatch | Admitted
+Event = (
+    Send
+    | StartTransfer
+    | Aborted
+    | Completed
+    | Skipped
+    | Rejected
+    | ParityMismatch
+    | Admitted
+    | JoinFailed
+)
 
 
 class Phase(Enum):
@@ -518,7 +536,9 @@ class AllReduceMember:
         self.counters = _Counters()
         self.link_costs: dict[tuple[str, str], float] = {}
         self.pending_joins: dict[str, int] = {}  # joiner -> first round it may take part in
+        self._joiners_waited_for: set[str] = set()  # pending joiners a round already waited for
         self._contacts: tuple[str, ...] = ()
+        self._join_requests = 0
         self._weight = 0.0
         self._spec: RoundSpec | None = None
         self._deadlines: dict[str, float] = {}
@@ -558,6 +578,17 @@ class AllReduceMember:
         """When the driver must call ``on_timeout`` next (None: no timer needed)."""
         return min(self._deadlines.values(), default=None)
 
+    def left_out_by(self, group_members: Iterable[str]) -> bool:
+        """Whether rounds this member keeps skipping mean the group goes on without it.
+
+        ``group_members`` are the peers that say they are members of this group. Some of them
+        that are not joiners this member admitted itself (and still waits for) form a group
+        without it. A founder alone whose only fellow members are its own admitted joiners,
+        still fetching the shared state, skips for want of members and is not left out: were
+        it to leave and join again, those joiners would be left with a founder that is gone.
+        """
+        return bool(set(group_members) - set(self.pending_joins) - {self.me})
+
     def set_link_costs(self, costs: Mapping[tuple[str, str], float]) -> None:
         """Measured per-link cost (seconds per chunk) used to order the ring of proposals."""
         self.link_costs = dict(costs)
@@ -567,6 +598,10 @@ class AllReduceMember:
     def request_join(self, now: float) -> list[Event]:
         if self.phase is not Phase.JOINING:
             raise UsageError("request_join is for a joiner that has not been admitted")
+        if self._join_requests >= self.settings.join_requests:
+            self._deadlines = {}
+            return [JoinFailed(f"no contact answered {self._join_requests} join requests")]
+        self._join_requests += 1
         self._deadlines = {"join_request": now + self.settings.join_timeout_s}
         return [self._send(peer, JoinRequest()) for peer in self._contacts]
 
@@ -616,6 +651,12 @@ class AllReduceMember:
         self.lost.add(peer)
         self.view.discard(peer)
         self.pending_joins.pop(peer, None)
+        if self.phase is Phase.JOINING and peer in self._contacts:
+            self._contacts = tuple(c for c in self._contacts if c != peer)
+            if not self._contacts:
+                self._deadlines = {}
+                return [JoinFailed("every contact of this joiner was lost")]
+            return []
         self._readies.pop(peer, None)
         self._future_readies.pop(peer, None)
         in_attempt = self._proposal is not None and peer in self._proposal.members
@@ -707,6 +748,7 @@ class AllReduceMember:
             self.counters.duplicate += 1
         else:
             self.pending_joins[sender] = first
+            self._joiners_waited_for.discard(sender)  # a new admission: worth one wait again
         self.lost.discard(sender)
         members = tuple(sorted(self.view - self.lost))
         return [self._send(sender, JoinAck(self.pending_joins.get(sender, first), members))]
@@ -910,10 +952,14 @@ class AllReduceMember:
             for peer, first in self.pending_joins.items()
             if first <= self.round and peer not in self.lost and peer not in self.view
         }
-        waiting = joiners - set(self._readies)
+        waiting = joiners - set(self._readies) - self._joiners_waited_for
         if waiting and not self._expired("join", now):
             self._deadlines.setdefault("join", now + self.settings.join_timeout_s)
             return []
+        # A joiner is waited for in one round only: one that is still not ready (fetching the
+        # state, or gone without a word) would otherwise hold up every round by join_timeout_s.
+        # It still takes part in any round whose Ready it sends in time.
+        self._joiners_waited_for |= waiting
         members = ready | (joiners & set(self._readies))
         weights = {peer: self._readies[peer] for peer in members}
         # Late members and joiners admitted for a later round learn now that they sit this out.
@@ -968,6 +1014,7 @@ class AllReduceMember:
         self.view |= set(proposal.members)
         for peer in proposal.members:
             self.pending_joins.pop(peer, None)
+        self._joiners_waited_for &= set(self.pending_joins)
 
     def _start_transfer(self, now: float) -> list[Event]:
         p = self._proposal

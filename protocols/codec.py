@@ -76,7 +76,7 @@ class EncodedChunk:
     """Wire form of one chunk: a header map and the raw little-endian payload."""
 
     header: dict[str, Any]
-    payload: bytes
+    payload: bytes | bytearray | memoryview  # a view into a received frame: not copied
 
 
 def encode(values: torch.Tensor, compression: Compression) -> EncodedChunk:
@@ -138,7 +138,11 @@ def decode(chunk: EncodedChunk, expected_numel: int, compression: Compression) -
         )
     if expected_numel == 0:
         return torch.empty(0, dtype=torch.float32)
-    wire = torch.frombuffer(bytearray(chunk.payload), dtype=wire_dtype)
+    payload = chunk.payload
+    if not (isinstance(payload, bytearray | memoryview) and not memoryview(payload).readonly):
+        payload = bytearray(payload)  # torch.frombuffer wants a writable buffer
+    # The tensor shares the frame's memory; nothing below writes to it.
+    wire = torch.frombuffer(payload, dtype=wire_dtype)
     if compression is Compression.UINT8:
         low, high = header.get("min"), header.get("max")
         for label, bound in (("min", low), ("max", high)):
@@ -174,8 +178,11 @@ def pack_frame(chunk: EncodedChunk) -> bytes:
     return HEADER_LENGTH.pack(len(header)) + header + chunk.payload
 
 
-def unpack_frame(frame: bytes) -> EncodedChunk:
-    """Split a frame from ``pack_frame``; raises ChunkHeaderError on anything malformed."""
+def unpack_frame(frame: bytes | bytearray) -> EncodedChunk:
+    """Split a frame from ``pack_frame``; raises ChunkHeaderError on anything malformed.
+
+    The payload is a view into ``frame`` (no copy): the frame must not change while the
+    chunk is in use."""
     if len(frame) < HEADER_LENGTH.size:
         raise ChunkHeaderError(f"frame of {len(frame)} bytes has no header length")
     (length,) = HEADER_LENGTH.unpack_from(frame)
@@ -188,7 +195,7 @@ def unpack_frame(frame: bytes) -> EncodedChunk:
         raise ChunkHeaderError(f"frame header is not msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ChunkHeaderError("frame header is not a map")
-    return EncodedChunk(header=header, payload=bytes(frame[HEADER_LENGTH.size + length :]))
+    return EncodedChunk(header=header, payload=memoryview(frame)[HEADER_LENGTH.size + length :])
 
 
 def _uint8_scale(low: float, high: float) -> torch.Tensor:

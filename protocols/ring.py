@@ -92,7 +92,7 @@ class OutgoingFrame:
 
     to: str
     tag: str
-    data: bytes
+    data: bytes | bytearray
 
 
 def total_weight(weights: Mapping[str, float]) -> float:
@@ -192,7 +192,7 @@ class RingReduction:
             out.append(OutgoingFrame(self.successor, self.tag("rs", segment, j), pack_frame(chunk)))
         return out
 
-    def on_frame(self, tag: str, frame: bytes) -> list[OutgoingFrame]:
+    def on_frame(self, tag: str, frame: bytes | bytearray) -> list[OutgoingFrame]:
         """Use one frame from the predecessor; returns frames for the successor.
 
         Raises RingError for an unexpected or repeated tag and CodecError (with subclasses

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import torch
@@ -34,6 +34,7 @@ from protocols.allreduce import (
     AllReduceSettings,
     Completed,
     Event,
+    JoinFailed,
     ParityMismatch,
     Phase,
     Rejected,
@@ -55,6 +56,7 @@ from protocols.shared_state import (
 )
 
 log = logging.getLogger("shoal.protocols.allreduce")
+_T = TypeVar("_T")
 
 # -- what a driver needs from the network ---------------------------------------------------------
 
@@ -79,7 +81,7 @@ class Transport(Protocol):
 
     async def send_tensor(self, peer: str, tag: str, data: bytes) -> None: ...
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes: ...
+    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray: ...
 
     def discard_tensors(self, tag_prefix: str) -> None:
         """Drop frames tagged ``tag_prefix + '.'...`` now and on arrival (an aborted attempt)."""
@@ -88,6 +90,11 @@ class Transport(Protocol):
 @dataclass(frozen=True)
 class RunnerSettings:
     io_timeout_s: float = 30.0  # longest wait for the next ring frame from the predecessor
+    # Whole-buffer work (copies, the result hash) on at least this many elements runs in a
+    # worker thread (torch and hashlib release the GIL): on the event loop a 256 MB buffer
+    # holds up heartbeats long enough for peers to take this member for dead. Smaller work
+    # stays on the loop, where it costs less than the hand-off.
+    thread_min_elems: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ class RoundRunner:
         self._input: torch.Tensor = torch.empty(0)
         self._outcome: trio.MemorySendChannel[Completed | Skipped] | None = None
         self._admitted = trio.Event()
-        self.admission: Admitted | None = None
+        self.admission: Admitted | JoinFailed | None = None
 
     # -- what the transport calls ------------------------------------------------------------
 
@@ -184,8 +191,9 @@ class RoundRunner:
                 events = [] if item is None else self._dispatch(item, now)
                 await self._handle(events + self.machine.on_timeout(now))
 
-    async def join(self) -> Admitted:
-        """For a joiner machine: ask to be admitted; returns the round to begin."""
+    async def join(self) -> Admitted | JoinFailed:
+        """For a joiner machine: ask to be admitted; returns the round to begin, or JoinFailed
+        when no contact admitted it (the caller finds the group again with a new machine)."""
         await self._handle(self.machine.request_join(self.clock()))
         await self._admitted.wait()
         assert self.admission is not None
@@ -203,14 +211,16 @@ class RoundRunner:
         """
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight {weight} must be finite and >= 0")
+        names = sorted(tensors)
+        ordered = [tensors[name] for name in names]
+        flat = await self._heavy(sum(t.numel() for t in ordered), flatten, ordered)
         if self._outcome is not None or self.machine.phase is not Phase.IDLE:
             raise UsageError(
                 f"allreduce() in phase {self.machine.phase.value}: wait for admission or for "
                 "the running round to end"
             )
-        names = sorted(tensors)
-        self._tensors = [tensors[name] for name in names]
-        self._input = flatten(self._tensors)
+        self._tensors = ordered
+        self._input = flat
         spec = RoundSpec(
             tuple(
                 TensorSpec(name, tuple(tensors[name].shape), str(tensors[name].dtype))
@@ -224,6 +234,12 @@ class RoundRunner:
         self._inbox_send.send_nowait(_Begin(weight, spec))
         outcome = await receive.receive()
         return RoundResult(outcome, tuple(self.aborts[first_abort:]))
+
+    async def _heavy(self, elems: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``: in a worker thread for at least ``thread_min_elems`` elements."""
+        if elems >= self.settings.thread_min_elems:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -274,7 +290,7 @@ class RoundRunner:
                 case Completed():
                     self._stop_transfer()
                     buffer = self._finished.pop((event.round, event.attempt))
-                    unflatten_into(buffer, self._tensors)
+                    await self._heavy(buffer.numel(), unflatten_into, buffer, self._tensors)
                     self._finish(event)
                 case Skipped():
                     self._stop_transfer()
@@ -287,7 +303,7 @@ class RoundRunner:
                 case ParityMismatch():
                     self.mismatches.append(event)
                     log.error("all-reduce parity mismatch: %s", event)
-                case Admitted():
+                case Admitted() | JoinFailed():
                     self.admission = event
                     self._admitted.set()
 
@@ -313,10 +329,10 @@ class RoundRunner:
     async def _run_transfer(self, event: StartTransfer, scope: trio.CancelScope) -> None:
         """The ring for one attempt, on a fresh copy of the input; reports via the inbox."""
         me = self.machine.me
-        working = self._input.clone()
         report: object
         with scope:
             peer = me
+            working = await self._heavy(self._input.numel(), self._input.clone)
             try:
                 plan = plan_ring(event.ring, event.spec.total_elems, event.chunk_elems)
                 ring = RingReduction(
@@ -334,7 +350,8 @@ class RoundRunner:
                         for frame in ring.on_frame(tag, data):
                             outgoing.send_nowait(frame)
                     outgoing.close()
-                report = _TransferFinished(event.round, event.attempt, ring.result_hash(), working)
+                result_hash = await self._heavy(working.numel(), ring.result_hash)
+                report = _TransferFinished(event.round, event.attempt, result_hash, working)
             except* trio.TooSlowError:
                 reason = f"no ring frame within io_timeout_s={self.settings.io_timeout_s}"
                 report = _TransferFailed(event.round, event.attempt, peer, reason, blame=False)
@@ -482,7 +499,7 @@ class StateSync:
                 )
             length = int.from_bytes(data[:2], "big")
             header = msgpack.unpackb(data[2 : 2 + length], raw=False)
-            fetched[name] = (header, data[2 + length :])
+            fetched[name] = (header, bytes(memoryview(data)[2 + length :]))
         before = self.state.bytes_fetched
         self.state.install(order, fetched)
         return self.state.bytes_fetched - before

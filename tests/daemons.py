@@ -47,8 +47,15 @@ def wait_until(
 class Daemon:
     """One ``shoal start`` process with its own home."""
 
-    def __init__(self, home: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.home = home
+        self.prefix = prefix or []  # e.g. enter a network namespace of the NAT lab
         self.args = args
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.lines: list[str] = []
@@ -59,7 +66,7 @@ class Daemon:
         self.lines.clear()
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [*SHOAL, "start", "--home", str(self.home), *self.args],
+            [*self.prefix, *SHOAL, "start", "--home", str(self.home), *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -155,3 +162,15 @@ def swarm_of(tmp: Path) -> Iterator[Callable[..., Daemon]]:
     finally:
         for daemon in daemons:
             daemon.kill()
+
+
+def check_workload_args(elems: int, join_wait_s: float = 2) -> list[str]:
+    """`shoal start` flags for the all-reduce check workload on ``elems`` float32 per member."""
+    return [
+        "--allreduce-workload",
+        "check",
+        "--allreduce-check-elems",
+        str(elems),
+        "--allreduce-join-wait-s",
+        str(join_wait_s),
+    ]

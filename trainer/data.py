@@ -141,7 +141,16 @@ def _source_files(settings: CorpusSettings) -> list[tuple[str, Path]]:
             out.extend(((Path(name) / p.relative_to(path)).as_posix(), p) for p in files)
         else:
             raise CorpusError(f"training data source {str(path)!r} is not a file or a folder")
-    return out
+    # Ids depend only on names and the order of the sources (the same on every worker), not
+    # on where the files lie; sources sharing a name get "~k" so each keeps its own place in
+    # the hashed split instead of all landing on one side.
+    seen: dict[str, int] = {}
+    unique: list[tuple[str, Path]] = []
+    for doc_prefix, file in out:
+        k = seen.get(doc_prefix, 0)
+        seen[doc_prefix] = k + 1
+        unique.append((f"{doc_prefix}~{k}" if k else doc_prefix, file))
+    return unique
 
 
 def read_documents(settings: CorpusSettings) -> list[Document]:

@@ -10,19 +10,12 @@ import pytest
 
 from node.collective import expected_mean
 from protocols.codec import hash_tensor
-from tests.daemons import Daemon, swarm_of, wait_until
+from tests.daemons import Daemon, check_workload_args, swarm_of, wait_until
 
 pytestmark = pytest.mark.slow
 
 ELEMS = 1 << 21  # 8 MiB of float32 per member: a round spends most of its time in transfer
-CHECK = [
-    "--allreduce-workload",
-    "check",
-    "--allreduce-check-elems",
-    str(ELEMS),
-    "--allreduce-join-wait-s",
-    "2",
-]
+CHECK = check_workload_args(ELEMS)
 
 
 def history(node: Daemon) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from protocols.allreduce import (
     AllReduceSettings,
     Completed,
     Event,
+    JoinFailed,
     ParityMismatch,
     Phase,
     Rejected,
@@ -561,3 +562,79 @@ def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
     outsider = AllReduceMember("q", "g", ["q"], SETTINGS)
     [rejected] = outsider.on_message("p0", {**ready, "round": 9}, g.now)
     assert isinstance(rejected, Rejected) and outsider.left_behind_at is None
+
+
+def test_a_founder_alone_with_its_own_joiners_is_not_left_out() -> None:
+    # A founder skipping rounds alone ("fewer than two members") while its just-admitted
+    # joiners still fetch the shared state (longer than join_timeout_s on a loaded machine)
+    # took their "member" presence for a group gone on without it, left, and joined again:
+    # the joiners were left with a founder that was gone.
+    founder = AllReduceMember("p0", "g", ["p0"], SETTINGS)
+    for joiner in ("p1", "p2"):
+        [ack] = founder.on_message(joiner, {"t": "ar.join", "v": 1, "g": "g"}, 0.0)
+        assert isinstance(ack, Send) and ack.msg["t"] == "ar.join_ack"
+    assert founder.begin(0.0, 1.0, SPEC) == []  # it waits join_timeout_s for its joiners
+    [skipped] = founder.on_timeout(SETTINGS.join_timeout_s)
+    assert isinstance(skipped, Skipped) and "fewer than two" in skipped.reason
+    assert founder.left_out_by(["p1", "p2"]) is False
+    # a member it never heard of is a group without it
+    assert founder.left_out_by(["p1", "q"]) is True
+    # so is a member it knows that does not wait to be taken in (it went on elsewhere)
+    member = AllReduceMember("p3", "g", ["p3", "p4"], SETTINGS)
+    assert member.left_out_by(["p4"]) is True
+    assert member.left_out_by([]) is False
+
+
+def test_a_joiner_whose_contacts_die_or_stay_silent_gives_up() -> None:
+    # A newcomer whose contacts were killed before they admitted it used to wait forever.
+    joiner = AllReduceMember.joiner("q", "g", ["p0", "p1"], SETTINGS)
+    assert len(joiner.request_join(0.0)) == 2
+    assert joiner.on_peer_lost("p0", 0.1) == []  # one contact left: keep asking it
+    [failed] = joiner.on_peer_lost("p1", 0.2)
+    assert isinstance(failed, JoinFailed) and "every contact" in failed.reason
+    assert joiner.next_deadline() is None
+    # contacts alive but silent (e.g. joining again themselves): give up after join_requests
+    silent = AllReduceMember.joiner("q", "g", ["p0"], SETTINGS)
+    events = silent.request_join(0.0)
+    now = 0.0
+    while not any(isinstance(e, JoinFailed) for e in events):
+        deadline = silent.next_deadline()
+        assert deadline is not None
+        now = deadline
+        events = silent.on_timeout(now)
+    assert now == SETTINGS.join_requests * SETTINGS.join_timeout_s
+    assert silent.next_deadline() is None
+
+
+def test_a_joiner_that_is_not_ready_holds_up_one_round_only() -> None:
+    # A newcomer whose state fetch failed stayed admitted and silent, and the coordinator
+    # waited join_timeout_s for it in every round.
+    g = Group(peers(2))
+    joiner = AllReduceMember.joiner("p5", "g", ["p0", "p1"], SETTINGS)
+    g.add(joiner)
+    g.feed("p5", joiner.request_join(g.now))
+    g.deliver()
+    g.dead.add("p5")  # silent from now on (its messages are not delivered)
+    g.begin_all(["p0", "p1"])
+    assert not g.of("p0", StartTransfer)
+    g.tick(SETTINGS.join_timeout_s)  # round 0 waited for it once
+    g.finish_transfers()
+    assert g.of("p0", Completed)[0].members == ("p0", "p1")
+    g.begin_all(["p0", "p1"])  # round 1 goes at once, without waiting for it again
+    assert [s.round for s in g.of("p0", StartTransfer)] == [0, 1]
+    # the joiner is still admitted: a Ready in time makes it part of a round
+    g.dead.discard("p5")
+    g.finish_transfers()
+    ready = {"t": "ar.ready", "v": 1, "g": "g", "round": 2, "weight": 1.0}
+    g.feed("p0", g.machines["p0"].on_message("p5", ready, g.now))
+    proposed: list[list[str]] = []
+
+    def watch(sender: str, to: str, msg: dict[str, Any]) -> bool:
+        if msg["t"] == "ar.propose":
+            proposed.append(msg["members"])
+        return to != "p5"  # (p5's machine here stayed at round 0; only p0's rule is tested)
+
+    for p in ("p0", "p1"):
+        g.feed(p, g.machines[p].begin(g.now, 1.0, SPEC))
+    g.deliver(keep=watch)
+    assert sorted(proposed[0]) == ["p0", "p1", "p5"]

@@ -92,6 +92,17 @@ async def test_round_without_faults_gives_every_member_the_same_exact_mean(
         assert as_bytes(run.buffers[p]) == as_bytes(expected)
 
 
+async def test_whole_buffer_work_in_worker_threads_gives_the_same_exact_mean() -> None:
+    # The real clock: on the autojump clock, time would jump while the threads work.
+    peers = [f"p{i}" for i in range(3)]
+    with trio.fail_after(30):
+        run = await run_round(peers, runner_settings=RunnerSettings(thread_min_elems=1))
+    expected = weighted_mean(run.inputs, run.weights, peers)
+    for p in peers:
+        assert isinstance(run.results[p].outcome, Completed)
+        assert as_bytes(run.buffers[p]) == as_bytes(expected)
+
+
 @pytest.mark.parametrize("compression", list(Compression))
 async def test_every_codec_gives_byte_identical_results(
     compression: Compression, autojump_clock: trio.testing.MockClock

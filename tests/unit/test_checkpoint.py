@@ -153,9 +153,9 @@ def test_malformed_files_raise_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_files_are_readable_by_the_safetensors_library(tmp_path: Path) -> None:
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_format = pytest.importorskip("safetensors.torch")
     tensors = sample_tensors()
     path = save_checkpoint(tmp_path, tensors, revision=3)
-    loaded = safetensors_torch.load(path.read_bytes())
+    loaded = safetensors_format.load(path.read_bytes())
     assert set(loaded) == set(tensors)
     assert all(bits(loaded[n]) == bits(t) for n, t in tensors.items())

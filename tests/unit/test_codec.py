@@ -161,3 +161,14 @@ def test_all_finite_is_exact_even_when_the_sum_overflows() -> None:
     assert all_finite(torch.empty(0))
     mixed = torch.tensor([math.inf, -math.inf])  # sums to NaN
     assert not all_finite(mixed)
+
+
+def test_a_received_bytearray_frame_is_decoded_without_copying_its_payload() -> None:
+    x = torch.arange(64, dtype=torch.float32)
+    frame = bytearray(pack_frame(encode(x, Compression.NONE)))  # as the bulk channel gives it
+    chunk = unpack_frame(frame)
+    assert isinstance(chunk.payload, memoryview) and chunk.payload.obj is frame
+    values = decode(chunk, 64, Compression.NONE)
+    assert torch.equal(values, x)
+    # a read-only frame (bytes) still decodes, through one copy
+    assert torch.equal(decode(unpack_frame(bytes(frame)), 64, Compression.NONE), x)

@@ -175,3 +175,17 @@ def test_one_big_file_is_cut_into_chunks_that_feed_both_splits(tmp_path: Path) -
     assert corpus.train_ids and corpus.heldout_ids
     capped = read_documents(CorpusSettings(sources=(str(big),), max_total_bytes=10_000))
     assert b"".join(d.data for d in capped) == text[:10_000]
+
+
+def test_files_sharing_a_name_get_distinct_ids_and_both_splits(tmp_path: Path) -> None:
+    paths = []
+    for i in range(40):
+        folder = tmp_path / f"pkg{i}"
+        folder.mkdir()
+        (folder / "METADATA").write_text(f"package {i}\n" * 20)
+        paths.append(str(folder / "METADATA"))
+    settings = CorpusSettings(sources=tuple(paths), heldout_fraction=0.25)
+    ids = [d.doc_id for d in read_documents(settings)]
+    assert len(set(ids)) == 40 and ids[:2] == ["METADATA#0", "METADATA~1#0"]
+    corpus = load_corpus(settings)  # same-named files no longer all fall on one side
+    assert corpus.train_ids and corpus.heldout_ids

@@ -1,0 +1,544 @@
+"""Daemon ZO mode (``train = "zo"``): shared-seed zeroth-order training over the record log.
+
+Wiring only: the agreement rules are :mod:`protocols.zo_log` (sans-IO), the numerics are
+:mod:`trainer.zo`. This module moves the log's messages over the node's control links (one
+ordered queue per peer, :class:`node.collective.NetTransport`), runs every torch step
+(SPSA records, applying a closed step, state hashes) in a worker thread one at a time, keeps
+the run's snapshot (theta_0) for joiners and re-syncs, and reports what ``shoal status`` shows.
+
+Join by replay: a node that finds a group checks its theta_0 against the members' snapshot
+through the shared-state sync (``protocols.simnet.StateSync``: it fetches only tensors whose
+hash differs, none when it holds the same checkpoint), then fetches the log since and replays
+it; a node whose state or log differs from the swarm's does the same from its snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from node.collective import NetTransport
+from protocols.shared_state import SharedState, SharedStateError
+from protocols.simnet import StateSync, StateSyncSettings, TransportError
+from protocols.wire import encode_frame
+from protocols.zo_log import (
+    HASH_BYTES,
+    Apply,
+    ClosedStep,
+    Event,
+    Produce,
+    Rejected,
+    Resync,
+    Send,
+    ZOLog,
+    ZOLogSettings,
+    encode_log,
+    genesis_digest,
+)
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.data import CorpusSettings, TokenBlocks, load_corpus
+from trainer.model import ModelConfig, build_model, model_config, next_token_loss
+from trainer.zo import SeedRecord, ZOSettings, ZOTrainer, clone_params, state_bytes, state_hash
+
+if TYPE_CHECKING:
+    from node.daemon import Node
+
+log = logging.getLogger("shoal.node.zo")
+
+# libp2p framing around each control frame: a Yamux header (12 B) and a Noise message's
+# length prefix and AEAD tag (2 + 16 B). Used to report on-the-wire bytes per message.
+LIBP2P_FRAMING_BYTES = 30
+HISTORY = 600
+FAULT_EVERY_STEPS = 10
+DRIFT_STEP = 150  # zo_fault = drift: this node's weights move off the swarm's after this step
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from a checkpoint (a DiLoCo one, say): every trained parameter by name and shape."""
+    tensors = load_checkpoint(path).tensors
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path} lacks parameters {missing[:5]} of the zo_model")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, the zo_model "
+                    f"needs {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name].to(param.dtype))
+
+
+def zo_model_config(name: str, context_tokens: int) -> ModelConfig:
+    """``nano`` (~25k parameters) and ``micro`` (~0.1M), for tests, or a registered size of
+    :mod:`trainer.model`."""
+    if name == "nano":
+        return ModelConfig(
+            context_tokens=context_tokens, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64
+        )
+    if name == "micro":
+        return ModelConfig(
+            context_tokens=context_tokens, d_model=64, n_layers=2, n_heads=2, mlp_hidden=128
+        )
+    return model_config(name, context_tokens=context_tokens)
+
+
+class ZOMode:
+    """This node's part in the swarm's ZO run."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        c = node.config
+        self.me = node.peer_id
+        self.log_settings = ZOLogSettings(
+            samples_per_step=c.zo_samples_per_step,
+            step_timeout_s=c.zo_step_timeout_s,
+            close_timeout_s=c.zo_close_timeout_s,
+            hash_every_steps=c.zo_hash_every_steps,
+            anti_entropy_s=c.zo_anti_entropy_s,
+            repair_wait_s=c.zo_repair_wait_s,
+            min_members=c.zo_min_members,
+        )
+        self.zo_settings = ZOSettings(
+            swarm=c.swarm,
+            lr=c.zo_lr,
+            eps=c.zo_eps,
+            fedkseed_k=c.zo_fedkseed_k,
+            weighted_seed_sampling=c.zo_seed_sampling == "weighted",
+        )
+        self.genesis = genesis_digest(c.swarm, 0)
+        self.phase = "loading"
+        self.machine: ZOLog | None = None
+        self.trainer: ZOTrainer | None = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        self.generation = 0
+        self._work_send, self._work_recv = trio.open_memory_channel[tuple[int, Event]](math.inf)
+        self.transport: NetTransport | None = None
+        self.sync: StateSync | None = None
+        self._nursery: trio.Nursery | None = None
+        self.losses: deque[tuple[int, float]] = deque(maxlen=HISTORY)
+        self.hash_checks: deque[tuple[int, str]] = deque(maxlen=HISTORY)
+        self.state_hash = ""
+        self.records_per_step: deque[int] = deque(maxlen=50)
+        self.bytes_sent: dict[str, int] = {}
+        self.messages_sent: dict[str, int] = {}
+        self.rejections: deque[str] = deque(maxlen=50)
+        self.rejected = 0
+        self.ignored = 0
+        self.resyncs = 0
+        self.resync_reasons: deque[str] = deque(maxlen=10)
+        self._drifted = False
+        self._kseed_summary: dict[str, Any] | None = None
+        self._stopping = False
+        self.join: dict[str, Any] | None = None
+        self._join_log_bytes = 0
+        self._join_started: float | None = None
+        self.full_state_bytes = 0
+        self.started_at = time.monotonic()
+        self._torch_lock = trio.Lock()
+
+    # -- daemon hooks ------------------------------------------------------------------------
+
+    async def on_control(self, sender: str, message: dict[str, Any]) -> None:
+        kind = str(message.get("t"))
+        if kind.startswith("ss."):
+            if self.sync is not None:
+                self.sync.on_control(sender, message)
+            return
+        if self.machine is None:  # loading or re-syncing: the log catches up by fetching
+            self.ignored += 1
+            return
+        if kind == "zo.log" and self.phase == "joining":
+            self._join_log_bytes += len(encode_frame(message)) + LIBP2P_FRAMING_BYTES
+        await self._handle(self.machine.on_message(sender, message, time.monotonic()))
+
+    def on_peer_lost(self, peer: str) -> None:
+        if self.machine is not None and self._nursery is not None:
+            events = self.machine.on_peer_lost(peer, time.monotonic())
+            self._nursery.start_soon(self._handle, events)
+
+    def request_stop(self) -> None:
+        """The node is leaving: no more torch work (the others close steps without us)."""
+        self.generation += 1
+        self._stopping = True
+
+    def presence(self) -> dict[str, Any]:
+        """What the presence record says about this node's ZO run (kept small: it is gossiped)."""
+        step = self.machine.applied if self.machine is not None else 0
+        return {"mode": "zo", "zo": {"phase": self.phase, "step": step}}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        c = self.node.config
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.transport = NetTransport(
+                self.node.links,
+                self.node.bulk,
+                c.bulk_io_timeout_s,
+                nursery,
+                lambda peer, reason: self.on_peer_lost(peer),
+            )
+            if c.zo_fault == "outsider":
+                self.phase = "outsider"
+                self._publish_presence()
+                await self._outsider()
+                return
+            await trio.to_thread.run_sync(self._load)
+            self.sync = StateSync(
+                self.me,
+                SharedState(self.snapshot, 0),
+                self.transport,
+                nursery,
+                StateSyncSettings(fetch_timeout_s=c.bulk_io_timeout_s),
+            )
+            self.sync.mark_round(1)  # the snapshot (revision 0) is ready to serve
+            self.phase = "waiting"
+            self._publish_presence()
+            nursery.start_soon(self._worker)
+            nursery.start_soon(self._ticker)
+            contacts = await self._find_group()
+            if contacts:
+                await self._join(contacts)
+            else:
+                log.info("founding ZO run in swarm %r", c.swarm)
+                self.machine = ZOLog(
+                    self.me, self.log_settings, self.genesis, 0, [self.me], time.monotonic()
+                )
+                self._set_phase("member")
+                await self._handle(self.machine.start(time.monotonic()))
+
+    def _load(self) -> None:
+        c = self.node.config
+        torch.set_num_threads(c.zo_torch_threads)
+        config = zo_model_config(c.zo_model, c.zo_context_tokens)
+        model = build_model(config, seed=c.zo_model_seed)
+        if c.zo_init_checkpoint:
+            load_weights(model, Path(c.zo_init_checkpoint))
+        corpus = load_corpus(
+            CorpusSettings(sources=c.zo_corpus_sources, max_total_bytes=c.zo_corpus_bytes)
+        )
+        seed = int.from_bytes(hashlib.blake2b(self.me.encode(), digest_size=4).digest(), "big")
+        batches = TokenBlocks(
+            corpus.train_tokens,
+            batch_size=c.zo_batch_size,
+            context_tokens=c.zo_context_tokens,
+            seed=seed,
+        )
+        self.snapshot = clone_params(model)
+        self.full_state_bytes = state_bytes(model)
+        self.trainer = ZOTrainer(
+            model,
+            lambda m, batch: next_token_loss(m, *batch),
+            batches,
+            self.me,
+            self.zo_settings,
+        )
+        self.state_hash = state_hash(model)
+
+    async def _find_group(self) -> list[str]:
+        c = self.node.config
+        deadline = trio.current_time() + c.zo_join_wait_s
+        while True:
+            peers = self._zo_peers()
+            members = sorted(p for p, phase in peers.items() if phase == "member")
+            if members:
+                return members
+            waiting = [p for p, phase in peers.items() if phase in ("waiting", "joining")]
+            if trio.current_time() >= deadline and all(self.me < p for p in waiting):
+                return []
+            await trio.sleep(c.heartbeat_s / 2)
+
+    def _zo_peers(self) -> dict[str, str]:
+        out = {}
+        for member in self.node.membership.table.others():
+            zo = (member.record.training or {}).get("zo")
+            if isinstance(zo, dict) and isinstance(zo.get("phase"), str):
+                out[member.record.peer_id] = zo["phase"]
+        return out
+
+    async def _join(self, contacts: list[str]) -> None:
+        """Snapshot through the shared-state sync, then the log since, replayed."""
+        assert self.sync is not None and self.trainer is not None
+        self._set_phase("joining")
+        self._join_started = time.monotonic()
+        self._join_log_bytes = 0
+        snapshot_bytes = 0
+        try:
+            snapshot_bytes = await self.sync.sync(contacts, 0, newcomer=False)
+        except (SharedStateError, trio.TooSlowError, TransportError) as exc:
+            log.warning("snapshot sync failed (%s); replaying from the local theta_0", exc)
+        if snapshot_bytes:
+            self.snapshot = {n: t.clone() for n, t in self.sync.state.tensors.items()}
+            await trio.to_thread.run_sync(self._reset_to_snapshot)
+        self.join = {
+            "snapshot_bytes": snapshot_bytes,
+            "log_bytes": 0,
+            "full_state_bytes": self.full_state_bytes,
+            "steps_replayed": 0,
+            "done": False,
+        }
+        now = time.monotonic()
+        self.machine = ZOLog(self.me, self.log_settings, self.genesis, 0, None, now)
+        log.info("joining ZO run through %s: replaying the log", contacts)
+        await self._handle(self.machine.fetch_from(contacts[0]))
+
+    def _reset_to_snapshot(self) -> None:
+        assert self.trainer is not None
+        with torch.no_grad():
+            for name, p in self.trainer.model.named_parameters():
+                if name in self.snapshot:
+                    p.copy_(self.snapshot[name])
+        self.trainer.step = 0
+        if self.trainer.kseed is not None:
+            self.trainer.kseed.scalars = [0.0] * len(self.trainer.kseed.scalars)
+        self.state_hash = state_hash(self.trainer.model)
+
+    def _begin_resync(self, reason: str) -> None:
+        if self.machine is None or self._nursery is None:
+            return
+        log.warning("ZO state differs from the swarm's (%s): re-syncing from the snapshot", reason)
+        self.resyncs += 1
+        self.resync_reasons.append(reason)
+        contacts = sorted(set(self.machine.members or ()) - {self.me})
+        self.generation += 1  # queued torch work of the old log is skipped
+        self.machine = None
+        self._nursery.start_soon(self._resync, contacts)
+
+    async def _resync(self, contacts: list[str]) -> None:
+        async with self._torch_lock:
+            await trio.to_thread.run_sync(self._reset_to_snapshot)
+        while not contacts:
+            contacts = sorted(p for p, phase in self._zo_peers().items() if phase == "member")
+            await trio.sleep(self.node.config.heartbeat_s)
+        await self._join(contacts)
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Send):
+                await self._send(event.peer, event.msg)
+            elif isinstance(event, Rejected):
+                self._note_rejection(event.peer, event.reason)
+            elif isinstance(event, Resync):
+                self._begin_resync(event.reason)
+                return
+            elif not self._stopping:
+                self._work_send.send_nowait((self.generation, event))
+
+    async def _send(self, peer: str, msg: dict[str, Any]) -> None:
+        assert self.transport is not None
+        kind = str(msg["t"])
+        size = len(encode_frame(msg)) + LIBP2P_FRAMING_BYTES
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + size
+        self.messages_sent[kind] = self.messages_sent.get(kind, 0) + 1
+        await self.transport.send_control(peer, msg)
+
+    def _note_rejection(self, peer: str, reason: str) -> None:
+        self.rejected += 1
+        self.rejections.append(f"{peer}: {reason}")
+        log.warning("ZO: rejected from %s: %s", peer, reason)
+
+    async def _worker(self) -> None:
+        """Torch work, one item at a time, in a thread; the loop keeps serving meanwhile."""
+        async for generation, event in self._work_recv:
+            if generation != self.generation or self.machine is None or self._stopping:
+                continue
+            machine = self.machine
+            if isinstance(event, Produce):
+                async with self._torch_lock:
+                    codes = await trio.to_thread.run_sync(self._produce, event.step)
+                if generation == self.generation:
+                    await self._handle(
+                        machine.on_records_ready(event.step, codes, time.monotonic())
+                    )
+                    if self.node.config.zo_fault == "bad_records":
+                        await self._send_bad_records(event.step)
+            elif isinstance(event, Apply):
+                async with self._torch_lock:
+                    state = await trio.to_thread.run_sync(self._apply, event.closed)
+                if generation == self.generation:
+                    self._after_apply(event.closed)
+                    await self._handle(
+                        machine.on_applied(event.closed.step, state, time.monotonic())
+                    )
+
+    def _produce(self, step: int) -> bytes:
+        assert self.trainer is not None
+        records = self.trainer.produce_records(step, self.log_settings.samples_per_step)
+        return bytes(r.code & 0xFF for r in records)
+
+    def _apply(self, closed: ClosedStep) -> bytes | None:
+        assert self.trainer is not None
+        trainer = self.trainer
+        records = []
+        for peer, index, code in closed.records():
+            seed_index = None
+            if trainer.kseed is not None:
+                seed_index = trainer.kseed.choose_seed_index(
+                    self.zo_settings.swarm,
+                    closed.step,
+                    peer,
+                    index,
+                    self.zo_settings.weighted_seed_sampling,
+                )
+            records.append(SeedRecord(closed.step, peer, index, code, seed_index))
+        metrics = trainer.apply_step(closed.step, records)
+        if trainer.kseed is not None:  # read here, in the worker: the scalars of this step
+            scalars = list(trainer.kseed.scalars)
+            self._kseed_summary = {
+                "k": len(scalars),
+                "step": closed.step + 1,
+                "seeds_used": sum(1 for a in scalars if a != 0.0),
+                "scalars_digest": hashlib.blake2b(
+                    repr(scalars).encode(), digest_size=8
+                ).hexdigest(),
+            }
+        if self.node.config.zo_fault == "drift" and closed.step == DRIFT_STEP and not self._drifted:
+            self._drifted = True  # once: the replay after the re-sync must not drift again
+            with torch.no_grad():
+                next(iter(trainer.model.parameters())).view(-1)[0] += 1e-3
+        self.records_per_step.append(metrics.records_applied + metrics.records_skipped_zero)
+        if metrics.loss is not None:
+            self.losses.append((closed.step, metrics.loss))
+        if (closed.step + 1) % self.log_settings.hash_every_steps:
+            return None
+        self.state_hash = state_hash(trainer.model)
+        self.hash_checks.append((closed.step + 1, self.state_hash))
+        return bytes.fromhex(self.state_hash)[:HASH_BYTES]
+
+    def _after_apply(self, closed: ClosedStep) -> None:
+        machine = self.machine
+        if self.phase == "joining" and self.join is not None:
+            self.join["steps_replayed"] = closed.step + 1
+            self.join["log_bytes"] = self._join_log_bytes
+        if machine is not None and machine.is_member and not machine.joining:
+            if self.phase != "member":
+                self._set_phase("member")
+                if self.join is not None and self._join_started is not None:
+                    self.join["done"] = True
+                    self.join["seconds"] = round(time.monotonic() - self._join_started, 3)
+                    log.info("joined ZO run at step %d by replay: %s", closed.step, self.join)
+        elif self.phase == "member" and machine is not None and machine.joining:
+            self._set_phase("joining")
+
+    def _set_phase(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self._publish_presence()
+
+    def _publish_presence(self) -> None:
+        self.node.training = self.presence()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.node.config.zo_tick_s)
+            if self.machine is not None:
+                await self._handle(self.machine.on_tick(time.monotonic()))
+            if self.machine is not None:
+                self.node.training = self.presence()
+
+    # -- fault injection (tests) -------------------------------------------------------------
+
+    async def _send_bad_records(self, step: int) -> None:
+        """``zo_fault = bad_records``: besides its honest records, every few steps send what the
+        others must reject: a far-future step, a flood of codes, a second record set, and a
+        tampered copy of a closed step."""
+        machine = self.machine
+        if machine is None or step % FAULT_EVERY_STEPS or step < 2:
+            return
+        n = self.log_settings.samples_per_step
+        closed = machine.log.get(step - 1)
+        bad: list[dict[str, Any]] = [
+            {"t": "zo.r", "s": step + 100_000, "c": bytes([1]) * n},
+            {"t": "zo.r", "s": step, "c": bytes([2]) * (n + 40)},
+            {"t": "zo.r", "s": step, "c": bytes([3]) * n},
+        ]
+        if closed is not None and closed.included:
+            victim = closed.included[0]
+            forged = bytes((b ^ 0x7F) & 0x7F for b in closed.codes[victim])
+            tampered = ClosedStep(
+                closed.step,
+                closed.members,
+                closed.included,
+                {**closed.codes, victim: forged},
+                closed.hashes,
+                closed.joiners,
+            )
+            bad.append(encode_log([tampered], machine.chain[closed.step - 1]))
+        for peer in machine.members or ():
+            if peer != self.me:
+                for msg in bad:
+                    await self._send(peer, msg)
+
+    async def _outsider(self) -> None:
+        """``zo_fault = outsider``: never joins, keeps sending records (all must be rejected)."""
+        while True:
+            await trio.sleep(self.node.config.zo_tick_s * 5)
+            peers = self._zo_peers()
+            for peer, phase in peers.items():
+                if phase == "member":
+                    step = self._peer_step(peer)
+                    n = self.log_settings.samples_per_step
+                    await self._send(peer, {"t": "zo.r", "s": step, "c": bytes([5]) * n})
+
+    def _peer_step(self, peer: str) -> int:
+        member = self.node.membership.table.get(peer)
+        zo = ((member.record.training or {}) if member else {}).get("zo") or {}
+        step = zo.get("step", 0)
+        return step if isinstance(step, int) and step >= 0 else 0
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        m = self.machine
+        steps = m.applied if m is not None else 0
+        zo_bytes = sum(self.bytes_sent.values())
+        record_bytes = self.bytes_sent.get("zo.r", 0)
+        record_msgs = max(1, self.messages_sent.get("zo.r", 0))
+        recent = [loss for _, loss in list(self.losses)[-20:]]
+        return {
+            "mode": "zo",
+            "phase": self.phase,
+            "step": steps,
+            "loss": round(sum(recent) / len(recent), 5) if recent else None,
+            "records_per_step": round(sum(self.records_per_step) / len(self.records_per_step), 3)
+            if self.records_per_step
+            else None,
+            "bytes_per_step": round(zo_bytes / steps, 1) if steps else None,
+            "bytes_per_record_message": round(record_bytes / record_msgs, 1),
+            "bytes_sent": dict(self.bytes_sent),
+            "messages_sent": dict(self.messages_sent),
+            "members": list(m.members or ()) if m is not None else [],
+            "coordinator": m.coordinator() if m is not None else None,
+            "state_hash": self.state_hash,
+            "parity_checks_passed": m.parity_checks_passed if m is not None else 0,
+            "parity_checks_failed": m.parity_checks_failed if m is not None else 0,
+            "hash_checks": [list(c) for c in self.hash_checks],
+            "losses": [[s, round(v, 5)] for s, v in self.losses],
+            "rejected": self.rejected,
+            "rejections": list(self.rejections),
+            "resyncs": self.resyncs,
+            "resync_reasons": list(self.resync_reasons),
+            "ignored_while_syncing": self.ignored,
+            "fetches": m.fetches if m is not None else 0,
+            "join": self.join,
+            "full_state_bytes": self.full_state_bytes,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "fedkseed": self._fedkseed_status(),
+        }
+
+    def _fedkseed_status(self) -> dict[str, Any] | None:
+        return self._kseed_summary

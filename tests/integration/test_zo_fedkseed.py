@@ -1,0 +1,30 @@
+"""FedKSeed mode across two real daemons: K candidate seeds fixed per run, seeds picked by
+accumulated scalar (weighted sampling), replicas and the K accumulated scalars identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.daemons import swarm_of, wait_until
+from tests.integration.test_zo import ZO, assert_same_hash_at_every_common_check, training
+
+K = 16
+
+
+def test_fedkseed_replicas_and_their_k_scalars_stay_identical(tmp_path: Path) -> None:
+    args = [*ZO, "--zo-min-members", "2", "--zo-fedkseed-k", str(K)]
+    args += ["--zo-seed-sampling", "weighted"]
+    with swarm_of(tmp_path) as spawn:
+        a = spawn("a", *args).wait_ready()
+        b = spawn("b", *args, join=a).wait_ready()
+        wait_until(lambda: all(training(d)["step"] >= 60 for d in (a, b)), 120, "60 steps")
+        assert assert_same_hash_at_every_common_check([a, b]) >= 4
+
+        def same_step() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            ka, kb = training(a)["fedkseed"], training(b)["fedkseed"]  # lockstep: often equal
+            return (ka, kb) if ka["step"] == kb["step"] else None
+
+        ka, kb = wait_until(same_step, 30, "both nodes' scalars at the same step", poll_s=0.01)
+        assert ka["k"] == kb["k"] == K and ka["seeds_used"] > 1
+        assert ka["scalars_digest"] == kb["scalars_digest"]

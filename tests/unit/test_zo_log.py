@@ -1,0 +1,309 @@
+"""The ZO record log machine, driven with no sockets: messages go through an in-memory queue
+(msgpack-encoded as on the wire), time is a number, and the "trainer" folds every applied
+record, in the order given, into a hash."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import torch
+
+from protocols.zo_log import (
+    HASH_BYTES,
+    Apply,
+    ClosedStep,
+    Event,
+    Produce,
+    Rejected,
+    Resync,
+    Send,
+    ZOLog,
+    ZOLogSettings,
+    decode_log,
+    encode_log,
+    genesis_digest,
+)
+from trainer.zo import SeedRecord, ZOSettings, apply_records_in_order, apply_step, state_hash
+
+SETTINGS = ZOLogSettings(
+    samples_per_step=2, step_timeout_s=5.0, close_timeout_s=5.0, hash_every_steps=4
+)
+GENESIS = genesis_digest("test", 0)
+
+
+def fold(state: bytes, closed: ClosedStep) -> bytes:
+    h = hashlib.blake2b(state, digest_size=HASH_BYTES)
+    for peer, index, code in closed.records():
+        h.update(f"{peer}/{index}/{code};".encode())
+    return h.digest()
+
+
+def codes_for(peer: str, step: int, samples: int) -> bytes:
+    raw = hashlib.blake2b(f"{peer}/{step}".encode(), digest_size=samples).digest()
+    return bytes(b if b != 0x80 else 0x7F for b in raw)
+
+
+class Sim:
+    """N machines, a FIFO wire, a clock; ``drop`` filters messages, ``dead`` peers are gone."""
+
+    def __init__(self, names: list[str], settings: ZOLogSettings = SETTINGS) -> None:
+        self.settings = settings
+        self.now = 0.0
+        self.nodes: dict[str, ZOLog] = {}
+        self.state: dict[str, bytes] = {}
+        self.wire: deque[tuple[str, str, bytes]] = deque()
+        self.work: deque[tuple[str, Event]] = deque()
+        self.dead: set[str] = set()
+        self.rejected: dict[str, list[str]] = {}
+        self.resyncs: dict[str, list[str]] = {}
+        self.drop: Callable[[str, str, dict[str, object]], bool] = lambda s, t, m: False
+        self.corrupt: Callable[[str, ClosedStep], ClosedStep] | None = None
+        founder, *others = names
+        self.add(founder, members=[founder])
+        for name in others:  # joiners before step 0: the founder has no log to send yet
+            self.add(name)
+            self.handle(name, self.nodes[name].fetch_from(founder))
+
+    def add(self, name: str, members: list[str] | None = None) -> None:
+        self.nodes[name] = ZOLog(name, self.settings, GENESIS, 0, members, self.now)
+        self.state[name] = b"theta0"
+        self.rejected[name] = []
+        self.resyncs[name] = []
+        self.handle(name, self.nodes[name].start(self.now))
+
+    def handle(self, name: str, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Send):
+                if not self.drop(name, event.peer, event.msg) and event.peer in self.nodes:
+                    self.wire.append((name, event.peer, msgpack.packb(event.msg)))
+            elif isinstance(event, Rejected):
+                self.rejected[name].append(event.reason)
+            elif isinstance(event, Resync):
+                self.resyncs[name].append(event.reason)
+            else:
+                self.work.append((name, event))
+
+    def run(self, until: Callable[[], bool], max_time_s: float = 120.0) -> None:
+        budget = 200_000
+        while not until():
+            budget -= 1
+            if self.now > max_time_s or budget < 0:
+                raise AssertionError(f"simulation did not reach its goal (t={self.now})")
+            if self.wire:
+                sender, to, raw = self.wire.popleft()
+                if to not in self.dead and sender not in self.dead:
+                    msg = msgpack.unpackb(raw, raw=False)
+                    self.handle(to, self.nodes[to].on_message(sender, msg, self.now))
+            elif self.work:
+                name, event = self.work.popleft()
+                if name in self.dead:
+                    continue
+                node = self.nodes[name]
+                if isinstance(event, Produce):
+                    codes = codes_for(name, event.step, self.settings.samples_per_step)
+                    self.handle(name, node.on_records_ready(event.step, codes, self.now))
+                elif isinstance(event, Apply):
+                    self.state[name] = fold(self.state[name], event.closed)
+                    step = event.closed.step
+                    check = (step + 1) % self.settings.hash_every_steps == 0
+                    digest = self.state[name] if check else None
+                    self.handle(name, node.on_applied(step, digest, self.now))
+            else:
+                self.now += 0.25
+                for name, node in self.nodes.items():
+                    if name not in self.dead:
+                        self.handle(name, node.on_tick(self.now))
+
+    def alive(self) -> list[str]:
+        return [n for n in self.nodes if n not in self.dead]
+
+    def all_at(self, step: int) -> Callable[[], bool]:
+        return lambda: all(self.nodes[n].applied >= step for n in self.alive())
+
+    def kill(self, name: str) -> None:
+        self.dead.add(name)
+        for other in self.alive():
+            self.handle(other, self.nodes[other].on_peer_lost(name, self.now))
+
+
+def assert_identical(sim: Sim, step: int) -> None:
+    logs = {n: [sim.nodes[n].chain[s] for s in range(step)] for n in sim.alive()}
+    assert len({tuple(v) for v in logs.values()}) == 1, "logs differ"
+    # Same state wherever the same number of steps was applied.
+    by_applied: dict[int, set[bytes]] = {}
+    for n in sim.alive():
+        by_applied.setdefault(sim.nodes[n].applied, set()).add(sim.state[n])
+    assert all(len(v) == 1 for v in by_applied.values()), "replicas differ"
+
+
+def test_four_members_agree_on_every_step_and_hashes_match() -> None:
+    sim = Sim(["a", "b", "c", "d"])
+    sim.run(sim.all_at(40))
+    assert_identical(sim, 40)
+    a = sim.nodes["a"]
+    assert a.members == ("a", "b", "c", "d")
+    assert all(not r for r in sim.rejected.values()) and not any(sim.resyncs.values())
+    assert a.parity_checks_passed >= 8  # every 4 steps, with all four hashes equal
+    full = [s for s in range(10, 40) if len(a.log[s].included) == 4]
+    assert full == list(range(10, 40))
+
+
+def test_a_member_killed_mid_step_is_closed_out_and_the_others_go_on() -> None:
+    sim = Sim(["a", "b", "c", "d"])
+    sim.run(sim.all_at(10))
+    # c dies after sending its records to a only.
+    sim.drop = lambda s, t, m: s == "c" and t != "a"
+    sim.run(lambda: "c" in sim.nodes["a"].open.records and sim.nodes["a"].open.step >= 11)
+    sim.kill("c")
+    sim.drop = lambda s, t, m: False
+    sim.run(sim.all_at(30))
+    assert_identical(sim, 30)
+    assert "c" not in (sim.nodes["a"].members or ())
+
+
+def test_the_coordinator_killed_mid_step_is_replaced_without_a_fork() -> None:
+    sim = Sim(["a", "b", "c", "d"])
+    sim.run(sim.all_at(10))
+    # a (the coordinator) closes step 10 but only b hears it; then a dies.
+    sim.drop = lambda s, t, m: s == "a" and m.get("t") == "zo.close" and t != "b"
+    sim.run(lambda: sim.nodes["b"].next_close > 10 or sim.nodes["a"].next_close > 11)
+    sim.kill("a")
+    sim.drop = lambda s, t, m: False
+    sim.run(sim.all_at(30))
+    assert_identical(sim, 30)
+    assert sim.nodes["b"].members == ("b", "c", "d")
+    assert not any(sim.resyncs.values())
+
+
+def test_a_lost_record_is_fetched_before_the_step_is_applied() -> None:
+    sim = Sim(["a", "b", "c"])
+    sim.run(sim.all_at(5))
+    lost = {"done": False}
+
+    def drop(sender: str, to: str, msg: dict[str, object]) -> bool:
+        if not lost["done"] and sender == "b" and to == "c" and msg.get("t") == "zo.r":
+            lost["done"] = True
+            return True
+        return False
+
+    sim.drop = drop
+    sim.run(sim.all_at(20))
+    assert lost["done"] and sim.nodes["c"].fetches >= 1
+    assert_identical(sim, 20)
+    assert all(len(sim.nodes["a"].log[s].included) == 3 for s in range(5, 20))
+
+
+def test_a_late_joiner_replays_the_log_and_reaches_the_same_state() -> None:
+    sim = Sim(["a", "b"])
+    sim.run(sim.all_at(25))
+    sim.add("z")
+    sim.handle("z", sim.nodes["z"].fetch_from("b"))
+    sim.run(lambda: "z" in (sim.nodes["a"].members or ()) and sim.all_at(40)())
+    assert_identical(sim, 40)
+    assert sim.nodes["z"].parity_checks_passed >= 4  # checked its replay against the log too
+
+
+def test_bad_records_are_rejected_with_a_reason_and_replicas_stay_identical() -> None:
+    sim = Sim(["a", "b", "c"])
+    sim.run(sim.all_at(5))
+    b = sim.nodes["b"]
+    step = b.open.step
+    bad = [
+        ("c", {"t": "zo.r", "s": step + 1000, "c": b"\x01\x02"}, "far-future step"),
+        ("c", {"t": "zo.r", "s": step, "c": bytes(40)}, "flood"),
+        ("mallory", {"t": "zo.r", "s": step, "c": b"\x01\x02"}, "not a member"),
+        ("c", {"t": "zo.close", "s": step, "a": 0, "i": 7, "j": [], "d": bytes(16)}, "coordinator"),
+    ]
+    for sender, msg, reason in bad:
+        events = b.on_message(sender, msg, sim.now)
+        assert [e for e in events if isinstance(e, Rejected) and reason in e.reason], reason
+    # A flood of repeated record sets from one member: all but the first rejected.
+    first = b.on_message("c", {"t": "zo.r", "s": step, "c": b"\x05\x06"}, sim.now)
+    assert not [e for e in first if isinstance(e, Rejected)]
+    again = b.on_message("c", {"t": "zo.r", "s": step, "c": b"\x05\x07"}, sim.now)
+    assert [e for e in again if isinstance(e, Rejected) and "flood" in e.reason]
+    # A relayed (tampered) copy of a closed step is not authenticated by the chain.
+    good = b.log[3]
+    tampered = ClosedStep(
+        3, good.members, good.included, {**good.codes, "a": b"\x7f\x7f"}, {}, good.joiners
+    )
+    events = b.on_message("c", encode_log([tampered], b.chain[2]), sim.now)
+    assert [e for e in events if isinstance(e, Rejected) and "not authenticated" in e.reason]
+    assert b.rejected_total == 6
+    # c's forged second set is dropped: c's records from the queue reach the close only once.
+    sim.run(sim.all_at(20))
+    assert_identical(sim, 20)
+
+
+def test_a_node_whose_state_differs_resyncs() -> None:
+    sim = Sim(["a", "b", "c"])
+    sim.run(sim.all_at(3))
+    sim.state["c"] = b"bit flip"
+    sim.run(lambda: bool(sim.resyncs["c"]))
+    assert "state hash differs" in sim.resyncs["c"][0]
+    assert not sim.resyncs["a"] and not sim.resyncs["b"]
+
+
+def test_log_encoding_round_trips_and_costs_about_ten_bytes_a_step() -> None:
+    sim = Sim(["a", "b", "c", "d"], ZOLogSettings(samples_per_step=1, hash_every_steps=1000))
+    sim.run(sim.all_at(101))
+    a = sim.nodes["a"]
+    steps = [a.log[s] for s in range(1, 101)]
+    msg = encode_log(steps, a.chain[0])
+    previous, decoded = decode_log(msgpack.unpackb(msgpack.packb(msg), raw=False), 1)
+    assert previous == a.chain[0] and decoded == steps
+    per_step = (
+        len(msgpack.packb(msg)) - len(msgpack.packb(encode_log(steps[:1], a.chain[0])))
+    ) / 99
+    assert per_step <= 12  # 4 one-byte records, a bitmap and row framing
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(P=["b", "a"]),
+        lambda m: m.update(d0=b"short"),
+        lambda m: m["S"][0].__setitem__(1, b"\x01"),
+        lambda m: m["S"][0].__setitem__(0, 1 << 40),
+        lambda m: m.update(S=[]),
+        lambda m: m["S"].__setitem__(0, "row"),
+    ],
+)
+def test_malformed_logs_are_rejected(mutate: Callable[[dict[str, object]], None]) -> None:
+    sim = Sim(["a", "b"])
+    sim.run(sim.all_at(3))
+    a = sim.nodes["a"]
+    msg = encode_log([a.log[1]], a.chain[0])
+    mutate(msg)
+    events = sim.nodes["b"].on_message("a", msg, sim.now)
+    assert [e for e in events if isinstance(e, Rejected) and "malformed" in e.reason]
+
+
+def test_control_another_apply_order_changes_the_hash_and_the_canonical_order_is_enforced() -> None:
+    sim = Sim(["a", "b", "c"], ZOLogSettings(samples_per_step=3))
+    sim.run(sim.all_at(2))
+    closed = sim.nodes["a"].log[1]
+    settings = ZOSettings(swarm="test", lr=0.05)
+    records = [SeedRecord(1, p, i, c) for p, i, c in closed.records()]
+    assert len(records) == 9
+    base = {"w": torch.linspace(-1, 1, 4096), "v": torch.linspace(0.3, 7, 1000)}
+
+    def fresh() -> dict[str, torch.Tensor]:
+        return {k: t.clone() for k, t in base.items()}
+
+    canonical = fresh()
+    apply_records_in_order(canonical, records, settings)
+    shuffled_order = fresh()
+    shuffled = records[:]
+    random.Random(7).shuffle(shuffled)
+    assert shuffled != records
+    apply_records_in_order(shuffled_order, shuffled, settings)
+    assert state_hash(shuffled_order) != state_hash(canonical)  # order changes fp32 bits
+    enforced = fresh()
+    apply_step(enforced, 1, shuffled, settings)  # apply_step sorts into the canonical order
+    assert state_hash(enforced) == state_hash(canonical)
