@@ -2,9 +2,10 @@
 
 Pipeline: sources -> documents (files cut into fixed-size chunks, in sorted order, bounded
 in total size) -> split by a hash of each document id into train and held-out -> the train
-documents become one token stream, cut into `num_shards` contiguous shards so each worker
-reads different text -> random (inputs, targets) blocks from a shard, or fixed blocks from the
-held-out stream for evaluation.
+documents become one token stream, cut into `num_shards` shards so each worker reads
+different text (contiguous slices, or the documents dealt out in turn) -> random
+(inputs, targets) blocks from a shard, or fixed blocks from the held-out stream for
+evaluation.
 
 Every step is a pure function of the files and the settings: no Python `hash()`, no clock,
 no global RNG. Document ids are relative paths, so two machines with the same files (the same
@@ -77,13 +78,29 @@ class Corpus:
     train_tokens: torch.Tensor
     heldout_tokens: torch.Tensor
 
-    def train_shard(self, shard_index: int, num_shards: int) -> torch.Tensor:
-        """Contiguous slice `shard_index` of `num_shards` equal slices of the train stream.
+    def train_shard(
+        self, shard_index: int, num_shards: int, *, interleaved: bool = False
+    ) -> torch.Tensor:
+        """Shard `shard_index` of `num_shards` of the train stream.
 
-        Shards are disjoint and together cover the stream exactly.
+        Contiguous (the default): slice `shard_index` of `num_shards` equal slices, so with
+        sorted files each shard holds different folders (non-IID shards). `interleaved`:
+        the train documents dealt out in turn (document k to shard k mod `num_shards`), so
+        every shard samples the whole corpus. Either way shards are disjoint and together
+        cover the stream exactly.
         """
         if num_shards <= 0 or not 0 <= shard_index < num_shards:
             raise CorpusError(f"shard {shard_index} of {num_shards} does not exist")
+        if interleaved:
+            starts = (self.train_tokens == BOS_ID).nonzero().flatten().tolist()
+            bounds = list(zip(starts, [*starts[1:], self.train_tokens.numel()], strict=True))
+            pieces = [self.train_tokens[a:b] for a, b in bounds[shard_index::num_shards]]
+            if not pieces:
+                raise CorpusError(
+                    f"{len(bounds)} train documents leave shard {shard_index} of {num_shards} "
+                    "empty; use fewer shards or smaller document chunks"
+                )
+            return torch.cat(pieces)
         total = self.train_tokens.numel()
         start = shard_index * total // num_shards
         stop = (shard_index + 1) * total // num_shards

@@ -78,6 +78,7 @@ class DiLoCoSettings:
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.1
     inner_warmup_steps: int = 0
+    inner_decay_steps: int | None = None
     inner_grad_clip_norm: float | None = 1.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -191,6 +192,24 @@ class TrainingMetrics:
     train_loss: float | None
     tokens_per_s: float | None
     eval_loss: float | None
+
+
+def warmup_lr(
+    lr: float,
+    warmup_steps: int,
+    step: int,
+    *,
+    decay_steps: int | None = None,
+    final_ratio: float = 0.1,
+) -> float:
+    """`lr` ramped linearly over the first `warmup_steps` steps (step counts from 0); with
+    `decay_steps`, then cosine-decayed to `lr * final_ratio` at step `decay_steps` and held."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if decay_steps is None or decay_steps <= warmup_steps:
+        return lr
+    progress = min((step - warmup_steps) / (decay_steps - warmup_steps), 1.0)
+    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def weighted_mean(grads: Sequence[PseudoGradient]) -> torch.Tensor:
@@ -309,10 +328,10 @@ class DiLoCoWorker:
     # -- inner loop -----------------------------------------------------------------------
 
     def _inner_lr(self) -> float:
-        warmup = self.settings.inner_warmup_steps
-        if warmup and self.inner_step < warmup:
-            return self.settings.inner_lr * (self.inner_step + 1) / warmup
-        return self.settings.inner_lr
+        s = self.settings
+        return warmup_lr(
+            s.inner_lr, s.inner_warmup_steps, self.inner_step, decay_steps=s.inner_decay_steps
+        )
 
     def _inner_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         inputs, targets = inputs.to(self.device), targets.to(self.device)

@@ -5,17 +5,26 @@ library, four disjoint shards), in one process, one after another on the CPU:
 
 (a) DiLoCo: H inner AdamW steps per worker per round, then shoal's all-reduce (the ring of
     `protocols.simnet.RoundRunner`, the same code the daemon runs, over in-memory mailboxes)
-    of the pseudo-gradients weighted by tokens, and the outer Nesterov step (lr 0.7, mom 0.9);
+    of the pseudo-gradients weighted by tokens, and the outer Nesterov step. Bench defaults:
+    H=20 with uint8 pseudo-gradients (a quarter of fp32's bytes, so ~4x the outer steps of
+    H=50 fp32 for about the same bytes), outer lr 0.7, momentum 0.6: the best of a
+    reduced-scale sweep (BENCHMARKS.md); the trainer's defaults (0.7 / 0.9, the paper's) are
+    for runs with hundreds of outer steps, this one has 25;
 (b) data parallel (the DDP baseline): every step each worker's gradient on its own batch goes
     through the same all-reduce; the averaged gradient drives one AdamW step on every replica
     (the replicas stay identical, so one model stands for the four);
 (c) one worker alone on the whole train text, with as many steps as the four workers together.
 
-All three see the same number of training tokens and use the same AdamW settings. Reported:
+All three see the same number of training tokens and, unless flags say otherwise, the same
+AdamW settings (lr 1e-3 was the best of 5e-4..2e-3 for both DDP and DiLoCo; no warmup
+unless --warmup, which then applies to all three runs). Reported:
 the final held-out loss of each, the tensor bytes each worker sends in the all-reduce (counted
 at the transport), their ratios, and the loss curves as a PNG (with matplotlib installed).
 
-    .venv/bin/python tests/bench/bench_diloco.py [--steps 500] [--inner-steps 50] [--png PATH]
+    .venv/bin/python tests/bench/bench_diloco.py [--steps 500] [--inner-steps 20] [--png PATH]
+
+(`--help` lists the sweep flags: outer lr/momentum/Nesterov, per-run lr, warmup, cosine,
+shard layout, `--runs` to do only some of the three.)
 
 The last stdout line is one JSON object. Targets: loss_ratio_vs_ddp <= 1.03 and
 bytes_ratio_ddp_over_diloco >= 50 (the DiLoCo paper: matched at 500x less communication).
@@ -46,7 +55,7 @@ from trainer.data import (
     heldout_batches,
     load_corpus,
 )
-from trainer.diloco import DiLoCoSettings, DiLoCoWorker, ParamLayout
+from trainer.diloco import DiLoCoSettings, DiLoCoWorker, ParamLayout, warmup_lr
 from trainer.model import build_model, model_config, next_token_loss
 
 WORKERS = 4
@@ -106,14 +115,23 @@ class Ring:
         return sum(c.bytes_sent for c in self.counters.values()) / WORKERS
 
 
-def adamw(params: Any, settings: DiLoCoSettings) -> torch.optim.AdamW:
+def adamw(params: Any, settings: DiLoCoSettings, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         params,
-        lr=settings.inner_lr,
+        lr=lr,
         betas=settings.inner_betas,
         eps=settings.inner_eps,
         weight_decay=settings.inner_weight_decay,
     )
+
+
+def set_lr(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, lr: float, step: int, total: int
+) -> None:
+    """The baselines' lr at `step` (from 0) of `total`: DiLoCo's inner lr rule (warmup, and
+    with --cosine a decay over the run's own steps)."""
+    for group in optimizer.param_groups:
+        group["lr"] = warmup_lr(lr, args.warmup, step, decay_steps=total if args.cosine else None)
 
 
 async def run_diloco(
@@ -142,6 +160,8 @@ async def run_diloco(
         )
         for w, g in zip(workers, grads, strict=True):
             w.apply_outer(g.buffer, round_index=w.revision)
+            if args.reset_inner_state:  # ablation: fresh AdamW moments every round
+                w.inner = adamw(w.model.parameters(), settings, settings.inner_lr)
         hashes = {w.state_hash() for w in workers}
         assert len(hashes) == 1, "DiLoCo replicas diverged"
         curve.append((tokens, workers[0].evaluate(setup["heldout"])))
@@ -154,7 +174,7 @@ async def run_ddp(
 ) -> float:
     settings = setup["settings"]
     model = build_model(setup["config"], seed=0)
-    optimizer = adamw(model.parameters(), settings)
+    optimizer = adamw(model.parameters(), settings, args.ddp_lr)
     layout = ParamLayout.of(model)
     params = [p for _, p in model.named_parameters()]
     streams = [
@@ -182,6 +202,7 @@ async def run_ddp(
             p.grad = flats[0][slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
+        set_lr(optimizer, args, args.ddp_lr, step - 1, args.steps)
         optimizer.step()
         if step % args.inner_steps == 0:
             curve.append((tokens, evaluate_loss(model, setup["heldout"])))
@@ -192,7 +213,7 @@ async def run_ddp(
 def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]) -> float:
     settings = setup["settings"]
     model = build_model(setup["config"], seed=0)
-    optimizer = adamw(model.parameters(), settings)
+    optimizer = adamw(model.parameters(), settings, args.single_lr)
     stream = TokenBlocks(
         setup["train"], batch_size=args.batch, context_tokens=setup["ctx"], seed=99
     )
@@ -205,6 +226,7 @@ def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]
         next_token_loss(model, inputs, targets).backward()
         if settings.inner_grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
+        set_lr(optimizer, args, args.single_lr, step - 1, WORKERS * args.steps)
         optimizer.step()
         tokens += targets.numel()
         if step % (WORKERS * args.inner_steps) == 0:
@@ -239,13 +261,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     config = model_config("tiny")
     corpus = load_corpus(CorpusSettings(max_total_bytes=args.corpus_bytes))
-    settings = DiLoCoSettings(inner_steps=args.inner_steps, inner_lr=args.lr)
+    settings = DiLoCoSettings(
+        inner_steps=args.inner_steps,
+        inner_lr=args.diloco_lr,
+        inner_warmup_steps=args.diloco_warmup,
+        inner_decay_steps=args.steps if args.cosine else None,
+        outer_lr=args.outer_lr,
+        outer_momentum=args.outer_momentum,
+        outer_nesterov=args.outer_nesterov,
+    )
+    interleaved = args.shards == "interleaved"
     setup = {
         "config": config,
         "ctx": config.context_tokens,
         "settings": settings,
         "train": corpus.train_tokens,
-        "shards": [corpus.train_shard(i, WORKERS) for i in range(WORKERS)],
+        "shards": [corpus.train_shard(i, WORKERS, interleaved=interleaved) for i in range(WORKERS)],
         "heldout": heldout_batches(
             corpus.heldout_tokens,
             batch_size=16,
@@ -259,6 +290,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     losses: dict[str, float] = {}
     runs: list[tuple[str, Callable[..., Any]]] = [("diloco", run_diloco), ("ddp", run_ddp)]
     for name, fn in runs:
+        if name not in args.runs:
+            continue
         async with trio.open_nursery() as nursery:
             swarm = SimSwarm(nursery, group=name)
             swarm.start(PEERS)
@@ -268,16 +301,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             timings[name] = time.perf_counter() - started
             bytes_sent[name] = ring.bytes_per_worker()
             nursery.cancel_scope.cancel()
-    started = time.perf_counter()
-    losses["single"] = run_single(args, setup, curves["single"])
-    timings["single"] = time.perf_counter() - started
+    if "single" in args.runs:
+        started = time.perf_counter()
+        losses["single"] = run_single(args, setup, curves["single"])
+        timings["single"] = time.perf_counter() - started
+    curves = {k: v for k, v in curves.items() if v}
     title = (
         f"tiny ({config.parameter_count():,} params), {WORKERS} workers, "
-        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each; "
+        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each\n"
         f"DiLoCo H={args.inner_steps}"
         + ("" if args.diloco_compression == "none" else f" ({args.diloco_compression})")
+        + f", outer lr {args.outer_lr} mom {args.outer_momentum}"
+        + ("" if args.outer_nesterov else " (no Nesterov)")
+        + f"; {args.shards} shards"
     )
-    png = plot(Path(args.png), curves, title)
+    png = plot(Path(args.png), curves, title) if args.png else None
+
+    def loss(name: str) -> float | None:
+        return round(losses[name], 4) if name in losses else None
+
+    both = "diloco" in losses and "ddp" in losses
     return {
         "bench": "diloco",
         "model": "tiny",
@@ -287,16 +330,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "inner_steps": args.inner_steps,
         "diloco_compression": args.diloco_compression,
         "batch": args.batch,
+        "shards": args.shards,
+        "lr": {"diloco_inner": args.diloco_lr, "ddp": args.ddp_lr, "single": args.single_lr},
+        "warmup": {"diloco": args.diloco_warmup, "baselines": args.warmup},
+        "cosine": args.cosine,
+        "outer": {
+            "lr": args.outer_lr,
+            "momentum": args.outer_momentum,
+            "nesterov": args.outer_nesterov,
+        },
         "tokens_total": WORKERS * args.steps * args.batch * config.context_tokens,
-        "diloco_eval_loss": round(losses["diloco"], 4),
-        "ddp_eval_loss": round(losses["ddp"], 4),
-        "single_eval_loss": round(losses["single"], 4),
-        "initial_eval_loss": round(curves["ddp"][0][1], 4),
-        "loss_ratio_vs_ddp": round(losses["diloco"] / losses["ddp"], 4),
-        "diloco_bytes_per_worker": int(bytes_sent["diloco"]),
-        "ddp_bytes_per_worker": int(bytes_sent["ddp"]),
+        "diloco_eval_loss": loss("diloco"),
+        "ddp_eval_loss": loss("ddp"),
+        "single_eval_loss": loss("single"),
+        "initial_eval_loss": round(next(iter(curves.values()))[0][1], 4),
+        "loss_ratio_vs_ddp": round(losses["diloco"] / losses["ddp"], 4) if both else None,
+        "diloco_bytes_per_worker": int(bytes_sent.get("diloco", 0)),
+        "ddp_bytes_per_worker": int(bytes_sent.get("ddp", 0)),
         "single_bytes": 0,
-        "bytes_ratio_ddp_over_diloco": round(bytes_sent["ddp"] / bytes_sent["diloco"], 2),
+        "bytes_ratio_ddp_over_diloco": (
+            round(bytes_sent["ddp"] / bytes_sent["diloco"], 2) if both else None
+        ),
+        "curves": {k: [round(loss, 4) for _, loss in v] for k, v in curves.items()},
         "wall_s": {k: round(v, 1) for k, v in timings.items()},
         "png": png,
         "targets": {"loss_ratio_vs_ddp": "<= 1.03", "bytes_ratio_ddp_over_diloco": ">= 50"},
@@ -306,20 +361,65 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=500, help="inner steps per worker")
-    parser.add_argument("--inner-steps", type=int, default=50, help="DiLoCo H")
+    parser.add_argument("--inner-steps", type=int, default=20, help="DiLoCo H")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--diloco-compression",
-        default="none",
+        default="uint8",
         choices=[c.value for c in Compression],
         help="codec of DiLoCo's pseudo-gradients in the all-reduce (the baseline sends fp32)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (all three runs)")
+    parser.add_argument("--diloco-lr", type=float, help="DiLoCo's inner AdamW lr (default --lr)")
+    parser.add_argument("--ddp-lr", type=float, help="the DDP baseline's lr (default --lr)")
+    parser.add_argument("--single-lr", type=float, help="the single worker's lr (default --lr)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="linear lr warmup steps of every run (each run's own steps)",
+    )
+    parser.add_argument(
+        "--reset-inner-state",
+        action="store_true",
+        help="ablation: DiLoCo workers start each round with fresh AdamW moments",
+    )
+    parser.add_argument(
+        "--cosine",
+        action="store_true",
+        help="cosine-decay every run's lr to 0.1x over its own steps (after the warmup)",
+    )
+    parser.add_argument(
+        "--diloco-warmup", type=int, help="DiLoCo's inner lr warmup steps (default --warmup)"
+    )
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.6)
+    parser.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--shards",
+        default="contiguous",
+        choices=["contiguous", "interleaved"],
+        help="workers' train shards: contiguous slices of the sorted files (non-IID) or "
+        "documents dealt out in turn (each shard samples the whole corpus); DiLoCo and DDP",
+    )
+    parser.add_argument(
+        "--runs",
+        default="diloco,ddp,single",
+        type=lambda v: set(v.split(",")),
+        help="comma list of runs to do (sweeps): diloco, ddp, single",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared cores)")
     parser.add_argument("--corpus-bytes", type=int, default=8 * 2**20)
     parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--png", default="tests/bench/diloco_curves.png")
+    parser.add_argument("--png", default="tests/bench/diloco_curves.png", help="'' = none")
     args = parser.parse_args()
+    for name in ("diloco_lr", "ddp_lr", "single_lr"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.lr)
+    if args.diloco_warmup is None:
+        args.diloco_warmup = args.warmup
+    if not args.runs or args.runs - {"diloco", "ddp", "single"}:
+        parser.error("--runs takes a comma list of diloco, ddp, single")
     if args.steps % args.inner_steps:
         parser.error("--steps must be a multiple of --inner-steps")
     print(json.dumps(trio.run(main_async, args)))

@@ -69,6 +69,29 @@ def test_shards_are_disjoint_cover_the_train_stream_and_are_stable(
         stdlib_corpus.train_shard(2, 2)
 
 
+def test_interleaved_shards_deal_out_whole_documents_in_turn(stdlib_corpus: Corpus) -> None:
+    stream = stdlib_corpus.train_tokens
+    starts = (stream == BOS_ID).nonzero().flatten().tolist()
+    docs = [stream[a:b] for a, b in zip(starts, [*starts[1:], stream.numel()], strict=True)]
+    assert len(docs) == len(stdlib_corpus.train_ids) > 3
+    for num_shards in (1, 3):
+        shards = [
+            stdlib_corpus.train_shard(i, num_shards, interleaved=True) for i in range(num_shards)
+        ]
+        for i, shard in enumerate(shards):
+            # shard i is documents i, i + n, i + 2n, ... whole (BOS first, EOS last), in order
+            assert torch.equal(shard, torch.cat(docs[i::num_shards]))
+            assert shard[0] == BOS_ID and shard[-1] == EOS_ID
+        assert sum(s.numel() for s in shards) == stream.numel()
+        again = load_corpus(STDLIB_SETTINGS)
+        assert all(
+            torch.equal(s, again.train_shard(i, num_shards, interleaved=True))
+            for i, s in enumerate(shards)
+        )
+    with pytest.raises(CorpusError, match="empty"):
+        stdlib_corpus.train_shard(len(docs), len(docs) + 1, interleaved=True)
+
+
 def test_user_files_and_folders_are_read_in_sorted_order(tmp_path: Path) -> None:
     folder = tmp_path / "texts"
     (folder / "sub").mkdir(parents=True)

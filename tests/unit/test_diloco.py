@@ -1,3 +1,4 @@
+import itertools
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from trainer.diloco import (
     SharedStateError,
     shared_state_hash,
     shared_tensor_hashes,
+    warmup_lr,
     weighted_mean,
 )
 from trainer.model import ModelConfig, build_model
@@ -143,6 +145,32 @@ def test_a_nan_inner_loss_stops_the_round_before_touching_the_optimizer() -> Non
     assert worker.inner_step == 2
     assert int(worker.inner.state[worker.model.w]["step"]) == 2
     assert torch.isfinite(worker.model.w).all()
+
+
+def test_inner_lr_warms_up_linearly_then_cosine_decays_to_the_floor() -> None:
+    assert [warmup_lr(1.0, 4, k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # decay over steps 4..12 (after the warmup): halfway is the mean of 1 and the 0.1 floor
+    assert warmup_lr(1.0, 4, 8, decay_steps=12) == pytest.approx(0.55)
+    assert warmup_lr(1.0, 4, 12, decay_steps=12) == pytest.approx(0.1)
+    assert warmup_lr(1.0, 4, 50, decay_steps=12) == pytest.approx(0.1)
+    lrs = [warmup_lr(2e-3, 0, k, decay_steps=10, final_ratio=0.0) for k in range(11)]
+    assert lrs[0] == 2e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    # the worker's AdamW runs each inner step at the rule's lr (warmup 1, decay over 3)
+    settings = DiLoCoSettings(
+        inner_steps=1, inner_lr=1e-2, inner_warmup_steps=1, inner_decay_steps=3
+    )
+    tokens = torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0))
+    worker = DiLoCoWorker(
+        build_model(TEST_CONFIG, seed=0),
+        TokenBlocks(tokens, batch_size=2, context_tokens=16, seed=0),
+        settings,
+    )
+    seen = []
+    for _ in range(4):
+        worker.train_round()
+        seen.append(worker.inner.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-2, 1e-2, 1e-2 * 0.55, 1e-3])
 
 
 def test_weighted_mean_weights_by_tokens() -> None:
