@@ -66,6 +66,7 @@ class NatSettings:
     probe_port: int = 0
     relay_service: str = "auto"  # auto: relay while public | off
     reservations: int = 2
+    relay_retry_s: float = 10.0  # after a relay refused or failed a reservation
     direct_dial_timeout_s: float = 1.5
     wait_for_dialer_s: float = 5.0
     holepunch: bool = True
@@ -253,7 +254,7 @@ class NatService:
         for relay in candidates[: self.settings.reservations - len(held)]:
             if relay in self.state.reserving:
                 continue
-            self.state.refused_relays[relay] = now + self.settings.probe_interval_s  # one try
+            self.state.refused_relays[relay] = now + self.settings.relay_retry_s  # one try
             self._start(self._reserve, relay)
 
     async def _reserve(self, relay: str) -> None:

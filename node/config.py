@@ -77,6 +77,7 @@ class NodeConfig:
     relay_circuit_max_s: float = 3600.0
     relay_circuit_max_bytes: int = 1 << 30
     relay_handshake_timeout_s: float = 5.0
+    relay_retry_s: float = 10.0
     holepunch: str = "on"
     holepunch_attempt_timeout_s: float = 5.0
     port_mapping: str = "auto"
@@ -323,6 +324,7 @@ KEYS: dict[str, Key] = {
     "relay_circuit_max_s": Key(_positive_seconds, "a positive number of seconds"),
     "relay_circuit_max_bytes": Key(_positive_int, "a positive integer number of bytes"),
     "relay_handshake_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "relay_retry_s": Key(_positive_seconds, "a positive number of seconds"),
     "holepunch": Key(_choice("on", "off"), "one of: on, off"),
     "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),

@@ -678,6 +678,7 @@ def _nat_settings(c: NodeConfig) -> NatSettings:
         probe_port=c.nat_probe_port,
         relay_service=c.relay_service,
         reservations=c.relay_reservations,
+        relay_retry_s=c.relay_retry_s,
         direct_dial_timeout_s=c.nat_direct_dial_timeout_s,
         wait_for_dialer_s=c.connect_timeout_s,
         holepunch=c.holepunch == "on",
