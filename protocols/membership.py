@@ -104,8 +104,10 @@ class Membership:
     # ---------------------------------------------------------------- heartbeat
 
     def tick(self, now: float) -> Tick:
-        expired = self.table.expire(now)
+        # Our own record first: if the loop was held longer than a record's life (a slow
+        # start-up on a loaded machine), it must not be expired and forgotten as a peer.
         own = self.refresh(now)
+        expired = self.table.expire(now)
         partners = self._next_partners()
         return Tick(expired, [(p, self._sync(own, now)) for p in partners])
 

@@ -149,3 +149,13 @@ def test_malformed_messages_are_rejected_with_reasons() -> None:
         assert reaction.rejected, message
         assert not reaction.sends
     assert a.table.peer_ids() == [a.self_id]
+
+
+def test_a_node_held_up_longer_than_the_ttl_never_expires_itself() -> None:
+    # A start-up that blocks the loop (imports, corpus, model) longer than a record's life:
+    # the first tick afterwards must renew our own record, not report us expired.
+    solo = node()
+    solo.refresh(NOW)
+    tick = solo.tick(NOW + 3 * SETTINGS.record_ttl_s)
+    assert solo.self_id not in tick.expired
+    assert solo.table.get(solo.self_id) is not None
