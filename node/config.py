@@ -83,6 +83,7 @@ class NodeConfig:
     port_mapping: str = "auto"
     port_mapping_timeout_s: float = 5.0
     allreduce_join_timeout_s: float = 5.0
+    allreduce_join_requests: int = 3
     capacity: dict[str, Any] = field(default_factory=dict)
     # training (see node/diloco_mode.py for what each DiLoCo key does)
     train: str = "none"
@@ -330,6 +331,7 @@ KEYS: dict[str, Key] = {
     "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
     "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_join_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "allreduce_join_requests": Key(_positive_int, "a positive number of requests"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),
     "train": Key(_choice("none", "diloco", "zo"), "one of: none, diloco, zo"),
     "diloco_model": Key(

@@ -258,6 +258,7 @@ class Node:
                 accept_timeout_s=c.allreduce_accept_timeout_s,
                 coordinator_timeout_s=c.allreduce_coordinator_timeout_s,
                 join_timeout_s=c.allreduce_join_timeout_s,
+                join_requests=c.allreduce_join_requests,
                 proposal_timeout_s=c.allreduce_ready_timeout_s
                 + max(2 * c.allreduce_join_wait_s, c.allreduce_join_timeout_s)
                 + 5,
