@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -148,7 +149,7 @@ class NetLab:
         if not self.stun:
             self.stun.append(
                 self.start_process(
-                    "stun", "python3", str(STUN_RESPONDER), *STUN_IPS, ready="stun ready"
+                    "stun", sys.executable, str(STUN_RESPONDER), *STUN_IPS, ready="stun ready"
                 )
             )
         home = str(self.tmp / f"igd-{router}")
