@@ -132,6 +132,7 @@ class NatService:
         self.probe_port = 0
         self.port_mapping = PortMapping(False, method="none", reason="not tried")
         self._natpmp: NatPmpClient | None = None
+        self._observed = trio.Event()  # set when a member's probe server told us our address
         self._nursery: trio.Nursery | None = None
         self._probe_slots = trio.Semaphore(settings.max_probe_connections)
         self._dialing_back: set[str] = set()
@@ -149,6 +150,7 @@ class NatService:
             protocol("dcutr"),
             settings.punch,
             own_addrs=self.observed_addrs,
+            wait_own_addrs=self.wait_for_observed_addrs,
             source=self.listen_source,
             is_direct=self._has_direct,
             on_direct=self._on_direct,
@@ -411,6 +413,7 @@ class NatService:
         finally:
             sock.close()
         self.observations.record(peer, seen_ip, seen_port, time.monotonic())
+        self._observed.set()
 
     async def _answer_probe(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -420,6 +423,12 @@ class NatService:
                     await stream.send_all(f"{ip} {port}\n".encode())
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 pass
+
+    async def wait_for_observed_addrs(self) -> None:
+        """Return once a member has observed our public address (see ``observed_addrs``)."""
+        while not self.observed_addrs():
+            self._observed = trio.Event()
+            await self._observed.wait()
 
     def observed_addrs(self) -> list[str]:
         return [

@@ -80,6 +80,7 @@ class NodeConfig:
     relay_retry_s: float = 10.0
     holepunch: str = "on"
     holepunch_attempt_timeout_s: float = 5.0
+    holepunch_addrs_wait_s: float = 3.0
     port_mapping: str = "auto"
     port_mapping_timeout_s: float = 5.0
     port_mapping_lease_s: int = 3600
@@ -352,6 +353,7 @@ KEYS: dict[str, Key] = {
     "relay_retry_s": Key(_positive_seconds, "a positive number of seconds"),
     "holepunch": Key(_choice("on", "off"), "one of: on, off"),
     "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "holepunch_addrs_wait_s": Key(_positive_seconds, "a positive number of seconds"),
     "port_mapping": Key(
         _port_mapping,
         "auto (UPnP IGD, then NAT-PMP), off, or a comma list of upnp, natpmp in the order to try",

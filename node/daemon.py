@@ -692,7 +692,9 @@ def _nat_settings(c: NodeConfig) -> NatSettings:
                 circuit_max_bytes=c.relay_circuit_max_bytes,
             ),
         ),
-        punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
+        punch=HolePunchSettings(
+            attempt_timeout_s=c.holepunch_attempt_timeout_s, addrs_wait_s=c.holepunch_addrs_wait_s
+        ),
         port_mapping_methods=port_mapping_methods(c.port_mapping),
         port_mapping_timeout_s=c.port_mapping_timeout_s,
         port_mapping_lease_s=c.port_mapping_lease_s,
