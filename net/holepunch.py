@@ -147,10 +147,14 @@ class HolePuncher:
         before A's probes had told A its public address; A answered CONNECT with no address,
         B had nothing to dial, and all three attempts failed, leaving the pair on the relay."""
         if not self.own_addrs():
+            started = trio.current_time()
             with trio.move_on_after(self.settings.addrs_wait_s):
                 await self.wait_own_addrs()
-            if not self.own_addrs():
-                log.info("hole punching without a known public address of our own")
+            waited = trio.current_time() - started
+            if self.own_addrs():
+                log.info("hole punching: waited %.2f s to learn our public address", waited)
+            else:
+                log.info("hole punching without a public address of our own (%.1f s)", waited)
         return self.own_addrs()
 
     async def _dial(self, peer: str, dial: Dial) -> bool:
