@@ -427,8 +427,9 @@ class NatService:
     async def wait_for_observed_addrs(self) -> None:
         """Return once a member has observed our public address (see ``observed_addrs``)."""
         while not self.observed_addrs():
-            self._observed = trio.Event()
-            await self._observed.wait()
+            if self._observed.is_set():  # set before, but those observations have expired
+                self._observed = trio.Event()
+            await self._observed.wait()  # (several waiters share the one unset event)
 
     def observed_addrs(self) -> list[str]:
         return [
