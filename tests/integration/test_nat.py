@@ -127,6 +127,38 @@ def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> 
             raise
 
 
+def test_hole_punch_waits_to_learn_the_public_address_it_must_advertise(tmp_path: Path) -> None:
+    """The flake of the cone test, made to happen: hA cannot reach the members' probe servers
+    (its router drops them), so when the relayed connection to hB comes up hA does not know
+    its public address. DCUtR must wait for it (holepunch_addrs_wait_s) instead of sending an
+    empty CONNECT, which left hB nothing to dial and the pair on the relay for good."""
+    probe = ["--nat-probe-port", "4100"]
+    block = ["FORWARD", "-i", "lan", "-p", "tcp", "--dport", "4100", "-j", "DROP"]
+    quick = {"nat_probe_interval_s": "1", "holepunch_addrs_wait_s": "4"}
+    with netlab(tmp_path, "A:cone B:cone") as lab:
+        try:
+            assert lab.sh("rA", "iptables", "-I", *block).returncode == 0
+            _relay, _pub, (ha, hb) = start(lab, ["hA", "hB"], *probe, **quick)
+            wait_until(
+                lambda: peer_entry(ha, hb)["connection"] == "relayed", 60, "hA -> hB relayed"
+            )
+            assert ha.status()["nat"]["observed"] == []  # hA does not know its address yet
+            assert lab.sh("rA", "iptables", "-D", *block).returncode == 0
+            want = f"/ip4/{router_public_ip('hB')}/tcp/{PORT}"
+            wait_until(
+                lambda: (
+                    peer_entry(ha, hb)["connection"] == "direct"
+                    and all(a.startswith(want) for a in peer_entry(ha, hb)["remote_addrs"])
+                ),
+                30,
+                "hA -> hB direct once hA learned its address",
+            )
+            assert any("waited" in line and "public address" in line for line in ha.lines)
+        except AssertionError:
+            explain(lab)
+            raise
+
+
 def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: Path) -> None:
     with netlab(tmp_path, "A:cone C:symmetric D:symmetric") as lab:
         try:
