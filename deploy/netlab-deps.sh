@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what the NAT lab (deploy/netlab, tests/netlab) needs, when running as root and missing:
-# iproute2 (ip netns), iptables (the routers' NAT), miniupnpd (a UPnP IGD on one router).
+# iproute2 (ip netns), iptables (the routers' NAT), miniupnpd + nftables (the UPnP IGD / NAT-PMP
+# gateway on one router, deploy/netlab-igd; Debian builds miniupnpd with its nftables backend).
 # Not root, or no apt-get: print why and leave it; the lab tests then skip with that reason.
 set -uo pipefail
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v miniupnpd >/dev/null || missing+=(miniupnpd)
+command -v nft >/dev/null || missing+=(nftables)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "netlab-deps: missing ${missing[*]} (need root and apt-get to install); NAT lab tests will skip" >&2

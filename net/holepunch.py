@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,11 @@ class HolePunchSettings:
     max_attempts: int = 3
     attempt_timeout_s: float = 5.0
     stream_timeout_s: float = 10.0
+    # How long each side waits to learn its own public address (from members' probe servers)
+    # before it sends DCUtR's CONNECT: a CONNECT without it gives the other side nothing to
+    # dial, and all three attempts fail. Below ~5 s: A waits while B's first frame is unread,
+    # and py-libp2p's Yamux resets a stream left unread for ~5 s.
+    addrs_wait_s: float = 3.0
 
 
 @dataclass
@@ -53,6 +58,7 @@ class HolePuncher:
         protocol_id: str,
         settings: HolePunchSettings,
         own_addrs: Callable[[], list[str]],
+        wait_own_addrs: Callable[[], Awaitable[None]],
         source: Callable[[], tuple[str, int] | None],
         is_direct: Callable[[str], bool],
         on_direct: Callable[[str], None],
@@ -61,6 +67,7 @@ class HolePuncher:
         self.protocol_id = protocol_id
         self.settings = settings
         self.own_addrs = own_addrs
+        self.wait_own_addrs = wait_own_addrs
         self.source = source
         self.is_direct = is_direct
         self.on_direct = on_direct
@@ -73,8 +80,13 @@ class HolePuncher:
         if peer in self.active:
             return False
         self.active.add(peer)
-        machine = HolePunchInitiator(self.own_addrs(), self.settings.max_attempts)
         stream: INetStream | None = None
+        try:
+            own = await self._addrs()
+        except BaseException:
+            self.active.discard(peer)
+            raise
+        machine = HolePunchInitiator(own, self.settings.max_attempts)
         try:
             with trio.fail_after(self.settings.stream_timeout_s):
                 stream = await self.host.new_stream(ID.from_base58(peer), [self.protocol_id])
@@ -110,7 +122,7 @@ class HolePuncher:
     async def _serve(self, stream: INetStream) -> None:
         """A's side."""
         peer = str(stream.muxed_conn.peer_id)
-        machine = HolePunchResponder(self.own_addrs(), self.settings.max_attempts)
+        machine = HolePunchResponder(await self._addrs(), self.settings.max_attempts)
         try:
             while True:
                 with trio.fail_after(self.settings.stream_timeout_s):
@@ -127,6 +139,23 @@ class HolePuncher:
             log.debug("hole punch stream from %s ended: %s", peer, _reason(exc))
         finally:
             await _reset(stream)
+
+    async def _addrs(self) -> list[str]:
+        """Our observed public addresses, waiting up to ``addrs_wait_s`` for the first one.
+
+        Seen in the lab under load: the relayed connection came up (and B started DCUtR)
+        before A's probes had told A its public address; A answered CONNECT with no address,
+        B had nothing to dial, and all three attempts failed, leaving the pair on the relay."""
+        if not self.own_addrs():
+            started = trio.current_time()
+            with trio.move_on_after(self.settings.addrs_wait_s):
+                await self.wait_own_addrs()
+            waited = trio.current_time() - started
+            if self.own_addrs():
+                log.info("hole punching: waited %.2f s to learn our public address", waited)
+            else:
+                log.info("hole punching without a public address of our own (%.1f s)", waited)
+        return self.own_addrs()
 
     async def _dial(self, peer: str, dial: Dial) -> bool:
         """One simultaneous-open attempt to each of the peer's addresses (first success wins)."""

@@ -22,6 +22,7 @@ Pieces (rules in protocols/nat.py, protocols/relay.py, protocols/dcutr.py; I/O h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -40,7 +41,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from net.holepunch import HolePuncher, HolePunchSettings
 from net.host import connection_info
 from net.links import ControlLinks
-from net.portmap import PortMapping, map_port, unmap_port
+from net.portmap import NatPmpClient, PortMapping, map_port, unmap_port
 from net.relay import RelayError, RelayService, RelaySettings, circuit_addr, parse_circuit_addr
 from protocols.nat import (
     PUBLIC,
@@ -73,7 +74,8 @@ class NatSettings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     punch: HolePunchSettings = field(default_factory=HolePunchSettings)
     max_probe_connections: int = 32
-    port_mapping: bool = True
+    # Tried in this order; the first that maps wins. Empty: no port mapping.
+    port_mapping_methods: tuple[str, ...] = ("upnp", "natpmp")
     port_mapping_timeout_s: float = 5.0
     port_mapping_lease_s: int = 3600
 
@@ -129,6 +131,8 @@ class NatService:
         self.state = NatState()
         self.probe_port = 0
         self.port_mapping = PortMapping(False, method="none", reason="not tried")
+        self._natpmp: NatPmpClient | None = None
+        self._observed = trio.Event()  # set when a member's probe server told us our address
         self._nursery: trio.Nursery | None = None
         self._probe_slots = trio.Semaphore(settings.max_probe_connections)
         self._dialing_back: set[str] = set()
@@ -146,6 +150,7 @@ class NatService:
             protocol("dcutr"),
             settings.punch,
             own_addrs=self.observed_addrs,
+            wait_own_addrs=self.wait_for_observed_addrs,
             source=self.listen_source,
             is_direct=self._has_direct,
             on_direct=self._on_direct,
@@ -164,7 +169,7 @@ class NatService:
             # machine for nothing) ask the router for a port mapping.
             ip = None if source is None else ipaddress.ip_address(source[0])
             if (
-                self.settings.port_mapping
+                self.settings.port_mapping_methods
                 and source is not None
                 and ip is not None
                 and (ip.is_unspecified or _is_private(f"/ip4/{ip}"))
@@ -177,19 +182,49 @@ class NatService:
                 await trio.sleep(min(1.0, self.settings.probe_interval_s / 4))
 
     async def _keep_port_mapping(self, port: int) -> None:
-        """Map the listen port on a UPnP gateway; renew at half the lease; retry rarely."""
+        """Map the listen port with the first method that works (UPnP IGD, NAT-PMP, in the
+        configured order) and keep it: UPnP is mapped again at half the lease, NAT-PMP renews
+        itself at half the granted lifetime. When every method fails, retry rarely."""
         failures = 0
+        lease_s = self.settings.port_mapping_lease_s
+        timeout_s = self.settings.port_mapping_timeout_s
         while True:
-            self.port_mapping = await map_port(
-                port, self.settings.port_mapping_lease_s, self.settings.port_mapping_timeout_s
-            )
-            if self.port_mapping.ok:
-                failures = 0
-                self.state.last_probe.clear()  # reachability may have changed: ask again
-                await trio.sleep(self.settings.port_mapping_lease_s / 2)
-            else:  # once more soon (a gateway slow to answer), then rarely
+            reasons = []
+            for method in self.settings.port_mapping_methods:
+                if method == "upnp":
+                    result = await map_port(port, lease_s, timeout_s)
+                    if result.ok:
+                        held = self.port_mapping
+                        renewals = held.renewals + 1 if held.ok and held.method == "upnp" else 0
+                        self._set_port_mapping(dataclasses.replace(result, renewals=renewals))
+                        failures = 0
+                        await trio.sleep(lease_s / 2)
+                        break
+                else:
+                    self._natpmp = NatPmpClient(port, lease_s, timeout_s)
+                    result = await self._natpmp.run(self._set_port_mapping)
+                    if self.port_mapping.ok and self.port_mapping.method == "natpmp":
+                        failures = 0  # it was mapped, then lost: start over at once
+                        self.port_mapping = result
+                        break
+                reasons.append(result)
+            else:
+                self.port_mapping = PortMapping(
+                    False,
+                    method=",".join(r.method for r in reasons),
+                    reason="; ".join(f"{r.method}: {r.reason}" for r in reasons),
+                )
+                # once more soon (a gateway slow to answer), then rarely
                 failures += 1
                 await trio.sleep(self.settings.probe_interval_s * (1 if failures == 1 else 10))
+
+    def _set_port_mapping(self, mapping: PortMapping) -> None:
+        if not self.port_mapping.ok or (
+            (self.port_mapping.external_ip, self.port_mapping.external_port)
+            != (mapping.external_ip, mapping.external_port)
+        ):
+            self.state.last_probe.clear()  # reachability may have changed: ask again
+        self.port_mapping = mapping
 
     def verdict(self) -> str:
         return self.reachability.verdict(time.monotonic())
@@ -378,6 +413,7 @@ class NatService:
         finally:
             sock.close()
         self.observations.record(peer, seen_ip, seen_port, time.monotonic())
+        self._observed.set()
 
     async def _answer_probe(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -387,6 +423,13 @@ class NatService:
                     await stream.send_all(f"{ip} {port}\n".encode())
             except (OSError, trio.BrokenResourceError, trio.TooSlowError):
                 pass
+
+    async def wait_for_observed_addrs(self) -> None:
+        """Return once a member has observed our public address (see ``observed_addrs``)."""
+        while not self.observed_addrs():
+            if self._observed.is_set():  # set before, but those observations have expired
+                self._observed = trio.Event()
+            await self._observed.wait()  # (several waiters share the one unset event)
 
     def observed_addrs(self) -> list[str]:
         return [
@@ -480,7 +523,9 @@ class NatService:
 
     async def leave(self) -> None:
         """On a graceful stop: give the router's port back."""
-        if self.port_mapping.ok:
+        if self.port_mapping.ok and self.port_mapping.method == "natpmp" and self._natpmp:
+            await self._natpmp.release()
+        elif self.port_mapping.ok:
             await unmap_port(self.port_mapping.external_port, self.settings.port_mapping_timeout_s)
 
     def forget(self, peer: str) -> None:

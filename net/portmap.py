@@ -1,20 +1,32 @@
-"""Port mapping on the home router through UPnP IGD, with miniupnpc (the maintained C library
-behind most UPnP clients; its Python binding already comes with py-libp2p).
+"""Port mapping on the home router: UPnP IGD through miniupnpc, or NAT-PMP (RFC 6886).
 
-``map_port`` asks the gateway found by SSDP to forward ``external_port`` (the listen port, so
-dial-backs and peers use the port the node listens on) to this machine, with a lease, and
-returns what happened. miniupnpc blocks, so every call runs in a worker thread under
+``map_port`` asks the UPnP gateway found by SSDP to forward ``external_port`` (the listen port,
+so dial-backs and peers use the port the node listens on) to this machine, with a lease, and
+returns what happened. miniupnpc (the maintained C library behind most UPnP clients; its Python
+binding already comes with py-libp2p) blocks, so every call runs in a worker thread under
 ``timeout_s``.
+
+``NatPmpClient`` is the thin trio driver of ``protocols.natpmp.NatPmpMapping``: one UDP socket
+connected to the default gateway's port 5351, the machine's datagrams out, the gateway's in,
+its deadlines as the only timer. It runs while the mapping lives and returns the failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import socket
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
+
+from protocols.natpmp import PORT as NATPMP_PORT
+from protocols.natpmp import Failed, Mapped, NatPmpMapping
 
 log = logging.getLogger("shoal.net.portmap")
 
@@ -30,6 +42,8 @@ class PortMapping:
     internal: str = ""
     lease_s: int = 0
     reason: str = ""
+    renewals: int = 0
+    gateway_restarts: int = 0  # NAT-PMP: epochs that went back (the gateway lost its state)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "ok": self.ok, "reason": self.reason}
@@ -38,6 +52,8 @@ class PortMapping:
                 external=f"{self.external_ip}:{self.external_port}",
                 internal=self.internal,
                 lease_s=self.lease_s,
+                renewals=self.renewals,
+                gateway_restarts=self.gateway_restarts,
             )
         return out
 
@@ -114,3 +130,136 @@ async def unmap_port(port: int, timeout_s: float) -> None:
             await trio.to_thread.run_sync(unmap, abandon_on_cancel=True)  # type: ignore[call-arg]
         except Exception as exc:
             log.debug("could not remove port mapping %d: %s", port, exc)
+
+
+# ---------------------------------------------------------------------- NAT-PMP
+
+ROUTE_TABLE = Path("/proc/net/route")
+RTF_GATEWAY = 0x2
+
+
+def default_gateway(route_table: str | None = None) -> str | None:
+    """The IPv4 default route's gateway, from Linux's /proc/net/route (None if there is none)."""
+    try:
+        text = route_table if route_table is not None else ROUTE_TABLE.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4 or fields[1] != "00000000":
+            continue
+        try:
+            gateway, flags = int(fields[2], 16), int(fields[3], 16)
+        except ValueError:
+            continue
+        if flags & RTF_GATEWAY and gateway:
+            return socket.inet_ntoa(struct.pack("<I", gateway))
+    return None
+
+
+class NatPmpClient:
+    """Keeps one NAT-PMP mapping of TCP ``internal_port`` on the default gateway."""
+
+    def __init__(
+        self, internal_port: int, lease_s: int, timeout_s: float, gateway: str | None = None
+    ) -> None:
+        self.internal_port = internal_port
+        self.lease_s = lease_s
+        self.timeout_s = timeout_s
+        self.gateway = gateway
+        self.machine = NatPmpMapping(internal_port, lease_s)
+        self._lan_ip = ""
+        self._gateway = ""
+
+    def _failure(self, reason: str) -> PortMapping:
+        return PortMapping(False, method="natpmp", reason=reason)
+
+    def _mapping(self, mapped: Mapped) -> PortMapping:
+        return PortMapping(
+            True,
+            method="natpmp",
+            external_ip=mapped.external_ip,
+            external_port=mapped.external_port,
+            internal=f"{self._lan_ip}:{self.internal_port}",
+            lease_s=mapped.lifetime_s,
+            renewals=self.machine.renewals,
+            gateway_restarts=self.machine.gateway_restarts,
+        )
+
+    async def run(self, on_change: Callable[[PortMapping], None]) -> PortMapping:
+        """Map, then renew at half-life until the gateway stops answering or refuses; returns
+        why it ended (never raises). ``on_change`` gets every new or renewed mapping."""
+        gateway = self.gateway or default_gateway()
+        if gateway is None:
+            return self._failure("no default gateway to ask for a NAT-PMP mapping")
+        self._gateway = gateway
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                await sock.connect((gateway, NATPMP_PORT))  # only the gateway's answers arrive
+                self._lan_ip = sock.getsockname()[0]
+                return await self._drive(sock, gateway, on_change)
+            except OSError as exc:
+                return self._failure(f"NAT-PMP gateway {gateway}: {exc.strerror or exc}")
+
+    async def _drive(
+        self, sock: trio.socket.SocketType, gateway: str, on_change: Callable[[PortMapping], None]
+    ) -> PortMapping:
+        machine = self.machine
+        give_up_at = trio.current_time() + self.timeout_s  # for the first mapping only
+        for datagram in machine.start(trio.current_time()):
+            await sock.send(datagram)
+        last: Mapped | None = None
+        while True:
+            deadline = machine.deadline()
+            if machine.outcome is None:
+                deadline = give_up_at if deadline is None else min(deadline, give_up_at)
+            out: list[bytes] = []
+            with trio.move_on_at(1e18 if deadline is None else deadline):
+                try:
+                    data = await sock.recv(1100)
+                except ConnectionRefusedError:  # ICMP port unreachable: nothing listens there
+                    if machine.outcome is None:
+                        return self._failure(
+                            f"gateway {gateway} does not speak NAT-PMP "
+                            f"(UDP port {NATPMP_PORT} closed)"
+                        )
+                    data = b""  # a mapping is held: the gateway restarting? resend as planned
+                dropped = machine.dropped
+                out = machine.on_datagram(data, trio.current_time()) if data else []
+                if machine.dropped > dropped:
+                    reason = machine.rejected[-1]
+                    log.debug("NAT-PMP: dropped a datagram from %s: %s", gateway, reason)
+            now = trio.current_time()
+            if deadline is not None and now >= deadline:
+                if machine.outcome is None and now >= give_up_at:
+                    return self._failure(
+                        f"NAT-PMP gateway {gateway} did not answer within {self.timeout_s} s"
+                    )
+                out += machine.on_timer(now)
+            outcome = machine.outcome
+            if isinstance(outcome, Failed):
+                log.info("no NAT-PMP mapping: %s", outcome.reason)
+                return self._failure(outcome.reason)
+            if isinstance(outcome, Mapped) and outcome is not last:
+                last = outcome
+                mapping = self._mapping(outcome)
+                log.info(
+                    "port mapping: %s -> %s (NAT-PMP, lifetime %d s, renewal %d)",
+                    mapping.to_wire()["external"],
+                    mapping.internal,
+                    outcome.lifetime_s,
+                    machine.renewals,
+                )
+                on_change(mapping)
+            for datagram in out:
+                await sock.send(datagram)
+
+    async def release(self) -> None:
+        """Delete the mapping on the gateway (best effort, on leave; ``run`` may be over)."""
+        for datagram in self.machine.release(trio.current_time()):
+            with (
+                trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+                contextlib.suppress(OSError),
+            ):
+                await sock.connect((self._gateway, NATPMP_PORT))
+                await sock.send(datagram)

@@ -287,8 +287,13 @@ def format_netcheck(check: dict[str, Any]) -> str:
         + {True: "varies by destination (symmetric)", False: "same for every destination"}.get(
             varies, "unknown (fewer than two members observed it)"
         ),
-        f"port mapping  {mapping.get('method', 'none')}: "
-        + (f"mapped {mapping.get('external', '')}" if mapping.get("ok") else mapping["reason"]),
+        "port mapping  "
+        + (
+            f"{mapping['method']}: mapped {mapping['external']} -> {mapping['internal']} "
+            f"(lease {mapping['lease_s']} s, renewed {mapping['renewals']}x)"
+            if mapping.get("ok")
+            else f"none: {mapping['reason']}"
+        ),
         f"relay service {'on' if check['relay_service'] else 'off'}",
     ]
     lines += [

@@ -80,8 +80,10 @@ class NodeConfig:
     relay_retry_s: float = 10.0
     holepunch: str = "on"
     holepunch_attempt_timeout_s: float = 5.0
+    holepunch_addrs_wait_s: float = 3.0
     port_mapping: str = "auto"
     port_mapping_timeout_s: float = 5.0
+    port_mapping_lease_s: int = 3600
     allreduce_join_timeout_s: float = 5.0
     allreduce_join_requests: int = 3
     capacity: dict[str, Any] = field(default_factory=dict)
@@ -225,6 +227,30 @@ def _choice(*options: str) -> Parser:
     return parse
 
 
+PORT_MAPPING_METHODS = ("upnp", "natpmp")
+
+
+def port_mapping_methods(value: str) -> tuple[str, ...]:
+    """The methods a ``port_mapping`` value names, in order ("auto": all, "off": none)."""
+    if value == "auto":
+        return PORT_MAPPING_METHODS
+    if value == "off":
+        return ()
+    return tuple(m.strip() for m in value.split(","))
+
+
+def _port_mapping(value: Any) -> str:
+    text = _text(value).strip()
+    if text in ("auto", "off"):
+        return text
+    methods = port_mapping_methods(text)
+    if not methods or any(m not in PORT_MAPPING_METHODS for m in methods):
+        raise ValueError
+    if len(set(methods)) != len(methods):
+        raise ValueError
+    return ",".join(methods)
+
+
 def _multiaddrs(require_peer_id: bool) -> Parser:
     def parse(value: Any) -> tuple[str, ...]:
         items = (
@@ -328,8 +354,13 @@ KEYS: dict[str, Key] = {
     "relay_retry_s": Key(_positive_seconds, "a positive number of seconds"),
     "holepunch": Key(_choice("on", "off"), "one of: on, off"),
     "holepunch_attempt_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
-    "port_mapping": Key(_choice("auto", "off"), "one of: auto (UPnP IGD when found), off"),
+    "holepunch_addrs_wait_s": Key(_positive_seconds, "a positive number of seconds"),
+    "port_mapping": Key(
+        _port_mapping,
+        "auto (UPnP IGD, then NAT-PMP), off, or a comma list of upnp, natpmp in the order to try",
+    ),
     "port_mapping_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
+    "port_mapping_lease_s": Key(_positive_int, "a positive whole number of seconds"),
     "allreduce_join_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "allreduce_join_requests": Key(_positive_int, "a positive number of requests"),
     "capacity": Key(_capacity, "a table of name = number, e.g. {flops = 1e12}"),

@@ -44,7 +44,7 @@ from net.host import (
 from net.links import ControlLinks, LinkSettings
 from net.nat import NatService, NatSettings
 from net.relay import RelaySettings
-from node.config import NodeConfig
+from node.config import NodeConfig, port_mapping_methods
 from node.control import ControlError, serve_control
 from protocols.dht_direct import DirectDHT, DirectDHTSettings, Done, closest
 from protocols.dht_direct import Reaction as DHTReaction
@@ -693,9 +693,12 @@ def _nat_settings(c: NodeConfig) -> NatSettings:
                 circuit_max_bytes=c.relay_circuit_max_bytes,
             ),
         ),
-        punch=HolePunchSettings(attempt_timeout_s=c.holepunch_attempt_timeout_s),
-        port_mapping=c.port_mapping == "auto",
+        punch=HolePunchSettings(
+            attempt_timeout_s=c.holepunch_attempt_timeout_s, addrs_wait_s=c.holepunch_addrs_wait_s
+        ),
+        port_mapping_methods=port_mapping_methods(c.port_mapping),
         port_mapping_timeout_s=c.port_mapping_timeout_s,
+        port_mapping_lease_s=c.port_mapping_lease_s,
     )
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemons import REPO, Daemon, wait_until
-from tests.netlab import PORT, NetLab, netlab, router_public_ip
+from tests.daemons import Daemon, wait_until
+from tests.netlab import PORT, NetLab, gateway_unavailable, netlab, router_public_ip
 
 pytestmark = [pytest.mark.slow, pytest.mark.netlab]
 
@@ -39,10 +39,13 @@ def relayed_bytes(nodes: list[Daemon]) -> int:
     return sum(n.status()["nat"]["bytes_relayed"] for n in nodes)
 
 
-def start(lab: NetLab, natted: list[str], *public_args: str) -> tuple[Daemon, Daemon, list[Daemon]]:
+def start(
+    lab: NetLab, natted: list[str], *public_args: str, **host_config: str
+) -> tuple[Daemon, Daemon, list[Daemon]]:
     relay = lab.spawn("relay", *public_args).wait_ready()
     pub = lab.spawn("pub", *public_args, join=relay)
-    hosts = [lab.spawn(ns, *CHECK, join=relay) for ns in natted]
+    flags = [x for k, v in host_config.items() for x in (f"--{k.replace('_', '-')}", v)]
+    hosts = [lab.spawn(ns, *CHECK, *flags, join=relay) for ns in natted]
     for daemon in (pub, *hosts):
         daemon.wait_ready()
     everyone = [relay, pub, *hosts]
@@ -124,6 +127,38 @@ def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> 
             raise
 
 
+def test_hole_punch_waits_to_learn_the_public_address_it_must_advertise(tmp_path: Path) -> None:
+    """The flake of the cone test, made to happen: hA cannot reach the members' probe servers
+    (its router drops them), so when the relayed connection to hB comes up hA does not know
+    its public address. DCUtR must wait for it (holepunch_addrs_wait_s) instead of sending an
+    empty CONNECT, which left hB nothing to dial and the pair on the relay for good."""
+    probe = ["--nat-probe-port", "4100"]
+    block = ["FORWARD", "-i", "lan", "-p", "tcp", "--dport", "4100", "-j", "DROP"]
+    quick = {"nat_probe_interval_s": "1", "holepunch_addrs_wait_s": "4"}
+    with netlab(tmp_path, "A:cone B:cone") as lab:
+        try:
+            assert lab.sh("rA", "iptables", "-I", *block).returncode == 0
+            _relay, _pub, (ha, hb) = start(lab, ["hA", "hB"], *probe, **quick)
+            wait_until(
+                lambda: peer_entry(ha, hb)["connection"] == "relayed", 60, "hA -> hB relayed"
+            )
+            assert ha.status()["nat"]["observed"] == []  # hA does not know its address yet
+            assert lab.sh("rA", "iptables", "-D", *block).returncode == 0
+            want = f"/ip4/{router_public_ip('hB')}/tcp/{PORT}"
+            wait_until(
+                lambda: (
+                    peer_entry(ha, hb)["connection"] == "direct"
+                    and all(a.startswith(want) for a in peer_entry(ha, hb)["remote_addrs"])
+                ),
+                30,
+                "hA -> hB direct once hA learned its address",
+            )
+            assert any("waited" in line and "public address" in line for line in ha.lines)
+        except AssertionError:
+            explain(lab)
+            raise
+
+
 def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: Path) -> None:
     with netlab(tmp_path, "A:cone C:symmetric D:symmetric") as lab:
         try:
@@ -172,31 +207,108 @@ def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: P
             raise
 
 
-def test_upnp_port_mapping_makes_the_node_behind_the_router_public(tmp_path: Path) -> None:
-    """miniupnpd refuses to map while its external address is reserved (the lab's 203.0.113/24),
-    so the router runs tests/fake_igd.py: the same UPnP IGD calls, and a real DNAT rule."""
+def mapped_and_public(lab: NetLab, relay: Daemon, ha: Daemon, method: str) -> dict[str, Any]:
+    """hA's listen port mapped by ``method`` makes it public: members dialed it back at the
+    router's address, it announced that address, and it needs no relay."""
+    mapped = f"{router_public_ip('hA')}:{PORT}"
+    wait_until(
+        lambda: ha.status()["nat"]["port_mapping"].get("external") == mapped,
+        60,
+        f"the {method} mapping of hA's listen port",
+    )
+    wait_until(lambda: ha.status()["reachability"] == "public", 30, "hA public")
+    check = json.loads(ha.cli("netcheck", "--json", check=True).stdout)
+    assert check["port_mapping"]["ok"] and check["port_mapping"]["method"] == method
+    assert check["port_mapping"]["internal"] == f"10.0.1.2:{PORT}"
+    # Fresh connections from two members to the router's public address reached hA.
+    assert all(d["ok"] for d in check["dialbacks"]) and len(check["dialbacks"]) >= 2
+    assert "port mapping" in check["advice"]
+    text = ha.cli("netcheck", check=True).stdout
+    assert f"port mapping  {method}: mapped {mapped} -> 10.0.1.2:{PORT}" in text
+    # Members learn the mapped address from hA's presence record.
+    want = f"/ip4/{router_public_ip('hA')}/tcp/{PORT}"
+    wait_until(lambda: want in peer_entry(relay, ha)["addrs"], 30, "the mapped address announced")
+    wait_until(  # public: no relay needed
+        lambda: ha.status()["nat"]["reservations"] == [], 30, "hA to drop its relays"
+    )
+    return check
+
+
+def test_upnp_port_mapping_on_real_miniupnpd_makes_the_node_public(tmp_path: Path) -> None:
+    """The router runs Debian's miniupnpd (UPnP IGD only); hA maps its port through
+    miniupnpc. First the port is taken by another mapping (the gateway's conflict must be
+    reported, not papered over), then it is freed and hA's next try maps it."""
+    if (reason := gateway_unavailable()) is not None:
+        pytest.skip(reason)
     with netlab(tmp_path, "A:cone") as lab:
         try:
-            igd = [sys.executable, str(REPO / "tests" / "fake_igd.py"), "10.0.1.1"]
-            lab.start_process("rA", *igd, router_public_ip("hA"), "wan", ready="igd ready")
+            lab.start_gateway("rA", "upnp")
+            taken = lab.sh("hA", sys.executable, "-c", UPNPC.format(op="add"))
+            assert taken.returncode == 0, taken.stderr
             relay, _pub, (ha,) = start(lab, ["hA"])
-            mapped = f"{router_public_ip('hA')}:{PORT}"
             wait_until(
-                lambda: ha.status()["nat"]["port_mapping"].get("external") == mapped,
+                lambda: (
+                    "already mapped to 10.0.1.2:4002"
+                    in ha.status()["nat"]["port_mapping"]["reason"]
+                ),
+                60,
+                "the conflicting mapping reported",
+            )
+            failed = ha.status()["nat"]["port_mapping"]
+            assert not failed["ok"] and failed["method"] == "upnp,natpmp"
+            assert "natpmp: gateway 10.0.1.1 does not speak NAT-PMP" in failed["reason"]
+            freed = lab.sh("hA", sys.executable, "-c", UPNPC.format(op="delete"))
+            assert freed.returncode == 0, freed.stderr
+            mapped_and_public(lab, relay, ha, "upnp")
+        except AssertionError:
+            explain(lab)
+            raise
+
+
+# Another mapping of hA's listen port (to port 4002), made and removed with miniupnpc.
+UPNPC = """
+import miniupnpc
+u = miniupnpc.UPnP()
+u.discoverdelay = 1000
+assert u.discover() > 0, "no IGD"
+u.selectigd()
+if "{op}" == "add":
+    u.addportmapping(4001, "TCP", u.lanaddr, 4002, "someone else", "", 3600)
+else:
+    u.deleteportmapping(4001, "TCP")
+"""
+
+
+def test_natpmp_port_mapping_on_real_miniupnpd_renews_and_survives_a_gateway_restart(
+    tmp_path: Path,
+) -> None:
+    """The router's miniupnpd speaks NAT-PMP only (enable_upnp=no), so only the NAT-PMP
+    client can map: the mapping makes hA public, is renewed at half its 4 s lifetime, and
+    after the gateway restarts (its epoch goes back) hA notices and maps again."""
+    if (reason := gateway_unavailable()) is not None:
+        pytest.skip(reason)
+    with netlab(tmp_path, "A:cone") as lab:
+        try:
+            gateway = lab.start_gateway("rA", "natpmp")
+            relay, _pub, (ha,) = start(lab, ["hA"], port_mapping_lease_s="4")
+            check = mapped_and_public(lab, relay, ha, "natpmp")
+            assert check["port_mapping"]["lease_s"] == 4
+            assert "upnp" not in json.dumps(check["port_mapping"])
+            wait_until(
+                lambda: ha.status()["nat"]["port_mapping"].get("renewals", 0) >= 2,
+                20,
+                "two renewals at half-life",
+            )
+            gateway.kill()
+            lab.start_gateway("rA", "natpmp")
+            wait_until(
+                lambda: ha.status()["nat"]["port_mapping"].get("gateway_restarts", 0) >= 1,
                 30,
-                "the UPnP mapping of hA's listen port",
+                "hA to see the gateway's epoch go back",
             )
-            wait_until(lambda: ha.status()["reachability"] == "public", 30, "hA public")
-            check = json.loads(ha.cli("netcheck", "--json", check=True).stdout)
-            assert check["port_mapping"]["ok"] and check["port_mapping"]["method"] == "upnp"
-            assert all(d["ok"] for d in check["dialbacks"]) and len(check["dialbacks"]) >= 2
-            assert "port mapping" in check["advice"]
-            # Members learn the mapped address from hA's presence record.
-            want = f"/ip4/{router_public_ip('hA')}/tcp/{PORT}"
-            assert want in peer_entry(relay, ha)["addrs"]
-            wait_until(  # public: no relay needed
-                lambda: ha.status()["nat"]["reservations"] == [], 10, "hA to drop its relays"
-            )
+            mapping = ha.status()["nat"]["port_mapping"]
+            assert mapping["ok"] and mapping["external"] == f"{router_public_ip('hA')}:{PORT}"
+            wait_until(lambda: ha.status()["reachability"] == "public", 30, "hA still public")
         except AssertionError:
             explain(lab)
             raise
