@@ -21,6 +21,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
+from net.host import exc_reason
 from net.relay import read_frame, write_frame
 from protocols.dcutr import Dial, HolePunchError, HolePunchInitiator, HolePunchResponder
 from protocols.wire import FrameError
@@ -103,10 +104,10 @@ class HolePuncher:
                 ok = await self._dial(peer, dial)
                 message = machine.on_dial_result(ok, time.monotonic())
         except (FrameError, HolePunchError, trio.TooSlowError) as exc:
-            self.stats.last_error = _reason(exc)
+            self.stats.last_error = exc_reason(exc)
             log.info("hole punch with %s stopped: %s", peer, self.stats.last_error)
         except Exception as exc:  # relayed connection gone, stream refused
-            self.stats.last_error = _reason(exc)
+            self.stats.last_error = exc_reason(exc)
             log.debug("hole punch with %s ended: %s", peer, self.stats.last_error)
         finally:
             self.active.discard(peer)
@@ -134,9 +135,9 @@ class HolePuncher:
                 if dial is not None:
                     await self._dial(peer, dial)
         except (FrameError, HolePunchError) as exc:
-            log.warning("hole punch from %s refused: %s", peer, _reason(exc))
+            log.warning("hole punch from %s refused: %s", peer, exc_reason(exc))
         except Exception as exc:  # B closed the stream: done (or gave up)
-            log.debug("hole punch stream from %s ended: %s", peer, _reason(exc))
+            log.debug("hole punch stream from %s ended: %s", peer, exc_reason(exc))
         finally:
             await _reset(stream)
 
@@ -178,7 +179,7 @@ class HolePuncher:
                     else:
                         await network.dial_addr_as_responder(target, peer_id, source)
             except Exception as exc:
-                self.stats.last_error = f"{addr}: {_reason(exc)}"
+                self.stats.last_error = f"{addr}: {exc_reason(exc)}"
                 log.debug("hole punch attempt %d to %s failed: %s", dial.attempt, addr, exc)
                 continue
             break
@@ -195,7 +196,3 @@ async def _reset(stream: INetStream) -> None:
     with trio.move_on_after(1) as scope, contextlib.suppress(Exception):  # already gone
         scope.shield = True
         await stream.reset()
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

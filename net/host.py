@@ -16,6 +16,7 @@ py-libp2p's defaults are not what a training swarm wants, so this module pins th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import msgpack
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -157,12 +159,42 @@ def build_host(seed: bytes, listen: Sequence[str]) -> IHost:
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
 
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
         listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
     )
+    guard_stream_handlers(host)
+    return host
+
+
+def exc_reason(exc: BaseException) -> str:
+    """An exception as a log line's reason: its type, and its text when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def guard_stream_handlers(host: IHost) -> None:
+    """Contain what any inbound stream handler raises (ours, identify's, the DHT's, ...).
+
+    In py-libp2p an exception that escapes a stream handler cancels every other handler on
+    that connection and then ends ``host.run`` itself: one peer resetting a stream at the
+    wrong moment (a relay killed mid-circuit) could stop the whole daemon. Here it ends only
+    that stream, with a log line naming the protocol and the reason."""
+    network = host.get_network()
+    negotiate_and_handle = network.common_stream_handler
+
+    async def guarded(stream: Any) -> None:
+        try:
+            await negotiate_and_handle(stream)
+        except Exception as exc:
+            protocol = getattr(stream, "protocol_id", None) or "?"
+            peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", "?")
+            log.warning("inbound %s stream from %s ended with %s", protocol, peer, exc_reason(exc))
+            with contextlib.suppress(Exception), trio.move_on_after(1):
+                await stream.reset()
+
+    network.set_stream_handler(guarded)
 
 
 def dht_validator(swarm: str, record_max_age_s: float) -> NamespacedValidator:

@@ -22,6 +22,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
+from net.host import exc_reason
 from protocols.wire import FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("shoal.net.links")
@@ -75,7 +76,7 @@ class ControlLinks:
                     await stream.write(frame)
                 return True
             except Exception as exc:  # any transport failure: the peer is unreachable for now
-                log.debug("send to %s failed: %s", peer_id, _reason(exc))
+                log.debug("send to %s failed: %s", peer_id, exc_reason(exc))
                 await self._drop(peer_id)
                 return False
 
@@ -114,12 +115,8 @@ class ControlLinks:
                 self.settings.idle_timeout_s,
             )
         except Exception as exc:  # EOF/reset from a peer that went away
-            log.debug("control stream from %s ended: %s", peer_id, _reason(exc))
+            log.debug("control stream from %s ended: %s", peer_id, exc_reason(exc))
         finally:
             with trio.move_on_after(1) as scope, contextlib.suppress(Exception):
                 scope.shield = True
                 await stream.reset()
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -529,8 +529,15 @@ class NatService:
             await unmap_port(self.port_mapping.external_port, self.settings.port_mapping_timeout_s)
 
     def forget(self, peer: str) -> None:
-        self.reachability.forget(peer)
-        self.observations.forget(peer)
+        """A member left: drop the probe bookkeeping kept for it. Its dial-back answer and what
+        it observed of our NAT mapping stay until they age out: they are facts about our own
+        port, which its leaving does not change. (Dropping them made a public relay whose
+        dial-back members had all gone say "unknown" and stop relaying, in the middle of the
+        failover it exists for.)"""
+        self.state.probes.pop(peer, None)
+        self.state.last_probe.pop(peer, None)
+        self.state.probe_ports.pop(peer, None)
+        self.state.relay_rtt_ms.pop(peer, None)
         self.state.reservations.pop(peer, None)
         self.state.probes.pop(peer, None)
 

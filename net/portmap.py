@@ -166,10 +166,9 @@ class NatPmpClient:
         self.internal_port = internal_port
         self.lease_s = lease_s
         self.timeout_s = timeout_s
-        self.gateway = gateway
+        self.gateway = gateway  # None: the default gateway, looked up when ``run`` starts
         self.machine = NatPmpMapping(internal_port, lease_s)
         self._lan_ip = ""
-        self._gateway = ""
 
     def _failure(self, reason: str) -> PortMapping:
         return PortMapping(False, method="natpmp", reason=reason)
@@ -189,10 +188,9 @@ class NatPmpClient:
     async def run(self, on_change: Callable[[PortMapping], None]) -> PortMapping:
         """Map, then renew at half-life until the gateway stops answering or refuses; returns
         why it ended (never raises). ``on_change`` gets every new or renewed mapping."""
-        gateway = self.gateway or default_gateway()
+        gateway = self.gateway = self.gateway or default_gateway()
         if gateway is None:
             return self._failure("no default gateway to ask for a NAT-PMP mapping")
-        self._gateway = gateway
         with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             try:
                 await sock.connect((gateway, NATPMP_PORT))  # only the gateway's answers arrive
@@ -256,10 +254,13 @@ class NatPmpClient:
 
     async def release(self) -> None:
         """Delete the mapping on the gateway (best effort, on leave; ``run`` may be over)."""
-        for datagram in self.machine.release(trio.current_time()):
-            with (
-                trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
-                contextlib.suppress(OSError),
-            ):
-                await sock.connect((self._gateway, NATPMP_PORT))
+        datagrams = self.machine.release(trio.current_time())
+        if not datagrams or self.gateway is None:
+            return
+        with (
+            trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+            contextlib.suppress(OSError),
+        ):
+            await sock.connect((self.gateway, NATPMP_PORT))
+            for datagram in datagrams:
                 await sock.send(datagram)

@@ -27,6 +27,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 
+from net.host import connection_info, exc_reason
 from protocols.relay import (
     Decision,
     RelayBook,
@@ -176,9 +177,9 @@ class RelayService:
                 await self._answer(stream, Decision(False, f"unknown request {str(kind)[:40]!r}"))
             await self._linger(stream)
         except (FrameError, RelayMessageError, RelayError, trio.TooSlowError) as exc:
-            log.warning("relay: refused hop request from %s: %s", client, _reason(exc))
+            log.warning("relay: refused hop request from %s: %s", client, exc_reason(exc))
         except Exception as exc:  # the client went away mid-request
-            log.debug("relay: hop stream from %s ended: %s", client, _reason(exc))
+            log.debug("relay: hop stream from %s ended: %s", client, exc_reason(exc))
         await _reset(stream)
 
     async def _linger(self, stream: INetStream) -> None:
@@ -217,7 +218,7 @@ class RelayService:
                     )
                     ok, reason, _ = parse_status(await read_frame(dst_stream))
             except Exception as exc:
-                ok, reason = False, f"target unreachable: {_reason(exc)}"
+                ok, reason = False, f"target unreachable: {exc_reason(exc)}"
             await self._answer(src_stream, Decision(ok, reason))
             if not ok:
                 await self._linger(src_stream)
@@ -288,12 +289,11 @@ class RelayService:
             self.on_inbound_circuit(src)
             await _wait_closed(muxed)  # the handler owns the stream: keep it while in use
         except Exception as exc:
-            log.info("relay: refused circuit through %s: %s", relay, _reason(exc))
+            log.info("relay: refused circuit through %s: %s", relay, exc_reason(exc))
         finally:
             await _reset(stream)
 
     def _relay_addr(self, relay: str) -> str:
-        from net.host import connection_info
 
         for addr in connection_info(self.host, relay)[1]:
             if "/p2p-circuit" not in addr:
@@ -363,7 +363,3 @@ async def _reset(stream: INetStream) -> None:
     with trio.move_on_after(1) as scope, contextlib.suppress(Exception):
         scope.shield = True
         await stream.reset()
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -244,9 +244,8 @@ def _port_mapping(value: Any) -> str:
     if text in ("auto", "off"):
         return text
     methods = port_mapping_methods(text)
-    if not methods or any(m not in PORT_MAPPING_METHODS for m in methods):
-        raise ValueError
-    if len(set(methods)) != len(methods):
+    known = set(methods) <= set(PORT_MAPPING_METHODS)
+    if not methods or not known or len(set(methods)) != len(methods):  # or one named twice
         raise ValueError
     return ",".join(methods)
 

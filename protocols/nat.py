@@ -58,9 +58,6 @@ class Reachability:
         """The newest answer of each member counts (one member, one vote)."""
         self._answers[peer_id] = DialBack(peer_id, ok, reason[:MAX_REASON_CHARS], now)
 
-    def forget(self, peer_id: str) -> None:
-        self._answers.pop(peer_id, None)
-
     def answers(self, now: float) -> list[DialBack]:
         fresh = [a for a in self._answers.values() if now - a.at <= self.max_age_s]
         return sorted(fresh, key=lambda a: a.peer_id)
@@ -95,9 +92,6 @@ class Observations:
 
     def record(self, peer_id: str, ip: str, port: int, now: float) -> None:
         self._seen[peer_id] = Observed(peer_id, ip, port, now)
-
-    def forget(self, peer_id: str) -> None:
-        self._seen.pop(peer_id, None)
 
     def all(self, now: float) -> list[Observed]:
         fresh = [o for o in self._seen.values() if now - o.at <= self.max_age_s]

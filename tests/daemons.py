@@ -57,7 +57,12 @@ class Daemon:
         self.home = home
         self.prefix = prefix or []  # e.g. enter a network namespace of the NAT lab
         self.args = args
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "PYTHONFAULTHANDLER": "1",  # a native crash prints its Python stack
+            **(env or {}),
+        }
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()

@@ -62,6 +62,9 @@ def explain(lab: NetLab) -> None:
             print(status["nat"], status["allreduce"] and status["allreduce"]["last"])
             for peer in status["peers"]:
                 print("  ", peer["peer_id"][-6:], peer["connection"], peer["bulk"])
+        elif daemon.proc is not None:
+            print("exited with", daemon.proc.returncode, "; its last lines:")
+            print("\n".join(daemon.lines[-40:]))
         wanted = ("shoal.net", "ERROR", "allreduce", "cannot")
         lines = [x for x in daemon.lines if any(w in x for w in wanted) and "skipped" not in x]
         print("\n".join(lines)[-6000:])
