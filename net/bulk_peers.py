@@ -43,7 +43,7 @@ from net.bulk_frames import (
     derive_session_keys,
     make_answer,
 )
-from net.host import connection_info
+from net.host import connection_info, exc_reason
 from net.links import ControlLinks
 
 log = logging.getLogger("shoal.net.bulk")
@@ -261,7 +261,9 @@ class BulkPeers:
             try:
                 channel = await self._dial_fallback(peer, offer.token, keys)
             except Exception as exc2:
-                self._finish(peer, setup, error=f"direct: {exc}; libp2p stream: {exc2}")
+                error = f"direct: {exc}; libp2p stream: {exc_reason(exc2)}"
+                log.warning("no bulk channel to %s: %s", peer, error)
+                self._finish(peer, setup, error=error)
                 return
         self._finish(peer, setup, channel=channel)
 
