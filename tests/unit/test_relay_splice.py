@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
 
 from net.relay import RelayService, RelaySettings, circuit_addr, parse_circuit_addr
 from protocols.relay import RelayLimits
@@ -56,7 +57,7 @@ async def test_splice_moves_bytes_both_ways_until_one_end_closes() -> None:
         await a.send.send(b"hello ")
         await b.send.send(b"world")
         await a.send.send(b"again")
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # both pumps moved what they had
         await a.send.aclose()  # EOF on one side ends the circuit
     assert bytes(b.written) == b"hello again" and bytes(a.written) == b"world"
     assert relay.counters.bytes_relayed == 16 and relay.counters.circuits_open == 0
