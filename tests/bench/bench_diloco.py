@@ -419,15 +419,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     curves = {k: v for k, v in curves.items() if v}
     title = (
         f"{args.model} ({config.parameter_count():,} params), {WORKERS} workers, "
-        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each"
+        f"{args.steps} steps x batch {args.batch} x {config.context_tokens} tokens each\n"
         + (
-            f", from a checkpoint of {args.pretrain_steps} AdamW steps"
-            f" x batch {args.pretrain_batch}"
+            f"from a checkpoint of {args.pretrain_steps} AdamW steps x batch "
+            f"{args.pretrain_batch}\n"
             if args.pretrain_steps
             else ""
         )
-        + "\n"
-        f"DiLoCo H={args.inner_steps}"
+        + f"DiLoCo H={args.inner_steps}"
         + ("" if args.diloco_compression == "none" else f" ({args.diloco_compression})")
         + f", outer lr {args.outer_lr} mom {args.outer_momentum}"
         + ("" if args.outer_nesterov else " (no Nesterov)")
