@@ -36,6 +36,7 @@ soak: venv
 	CHAOS_S=$${CHAOS_S:-1800} $(BIN)/python -m pytest -q -s tests/integration/test_chaos.py
 
 bench: venv
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
