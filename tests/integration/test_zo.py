@@ -39,6 +39,7 @@ ZO = [
     "nano",
 ]
 STEPS = 505
+SNAPSHOT_EVERY = 100  # the default zo_snapshot_every_steps
 
 
 def training(daemon: Daemon) -> dict[str, Any]:
@@ -192,9 +193,19 @@ def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, 
     )
     assert assert_same_hash_at_every_common_check([*s.members, joiner]) >= 3
     join = training(joiner)["join"]
-    assert join["snapshot_bytes"] == 0  # it holds theta_0: the shared-state sync moved nothing
-    assert join["steps_replayed"] >= STEPS
+    # It arrived after several snapshots (every 100 steps): it synced the latest one through
+    # the shared-state sync (its theta_0 differs in every tensor) and replayed only the steps
+    # since, not the whole run.
+    assert join["snapshot_step"] >= 2 * SNAPSHOT_EVERY
+    assert join["snapshot_bytes"] > join["full_state_bytes"] // 2
+    assert 0 < join["steps_replayed"] <= 2 * SNAPSHOT_EVERY < step
     # The nano model's full state is 74 KB; the 100x target is measured on a 3.3 MB model in
     # tests/bench/bench_zo.py.
     assert 0 < join["log_bytes"] * 4 < join["full_state_bytes"]
     assert len(training(s.members[0])["members"]) == 4
+    # Every member's log is bounded: the steps since the snapshot before the latest one.
+    for daemon in [*s.members, joiner]:
+        t = training(daemon)
+        assert t["snapshots_agreed"] >= 1 and t["log_start"] >= t["snapshot_step"] - SNAPSHOT_EVERY
+        assert t["log_steps"] <= 2 * SNAPSHOT_EVERY + 10
+    assert training(s.members[0])["snapshots_agreed"] >= 5
