@@ -27,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import torch
 import trio
 
@@ -80,6 +82,7 @@ FAULT_EVERY_STEPS = 10
 DRIFT_STEP = 150  # zo_fault = drift: this node's weights move off the swarm's after this step
 CHAIN_TENSOR = "_zo_chain"  # the snapshot's extra tensor: chain digest of the step before it
 SNAPSHOTS = CheckpointSettings(folder_name="zo-snapshots", keep_last=2)
+HOME_LOG_FILE = "zo-log.msgpack"  # the closed steps since the saved snapshot (a zo.log message)
 JOIN_SYNC_ATTEMPTS = 3  # a donor may swap its snapshot between its summary and our fetch
 
 
@@ -174,6 +177,7 @@ class ZOMode:
         self._candidate: tuple[int, dict[str, torch.Tensor]] | None = None
         self.snapshots_agreed = 0
         self.resumed_from: int | None = None  # the saved snapshot this node restarted from
+        self._home_log: dict[str, Any] | None = None  # its saved steps since, replayed once
         self.generation = 0
         self._work_send, self._work_recv = trio.open_memory_channel[tuple[int, Event]](math.inf)
         self.transport: NetTransport | None = None
@@ -199,6 +203,7 @@ class ZOMode:
         self.full_state_bytes = 0
         self.started_at = time.monotonic()
         self._torch_lock = trio.Lock()
+        self._home_write_lock = trio.Lock()
 
     # -- daemon hooks ------------------------------------------------------------------------
 
@@ -291,7 +296,12 @@ class ZOMode:
                 for name, param in model.named_parameters():
                     param.copy_(tensors[name])
             self.resumed_from = self.snapshot_step
-            log.info("resuming from the ZO snapshot of step %d saved in the home", saved[0])
+            self._home_log = self._saved_log(self.snapshot_step)
+            log.info(
+                "resuming from the ZO snapshot of step %d saved in the home (and %s)",
+                saved[0],
+                "its log since" if self._home_log else "no log since",
+            )
         corpus = load_corpus(
             CorpusSettings(sources=c.zo_corpus_sources, max_total_bytes=c.zo_corpus_bytes)
         )
@@ -347,6 +357,45 @@ class ZOMode:
                 log.warning("ignoring the saved ZO snapshot %s: %s differs", saved.path, name)
                 return None
         return int(meta["revision"]), chain, tensors
+
+    def _saved_log(self, step: int) -> dict[str, Any] | None:
+        """The steps since snapshot ``step`` saved in the home (a zo.log message; the log
+        machine checks it against the snapshot's chain digest like any relayed log)."""
+        path = self.node.config.home / HOME_LOG_FILE
+        try:
+            msg = msgpack.unpackb(path.read_bytes(), raw=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            log.warning("ignoring the saved ZO log %s: %s", path, exc)
+            return None
+        if not isinstance(msg, dict) or msg.get("t") != "zo.log" or msg.get("s0") != step:
+            return None  # of another snapshot (a kill between the two saves): not ours
+        return msg
+
+    def _save_log(self, upto: int) -> None:
+        """Every hash check: the applied steps since the snapshot, for a restart. Encoded here
+        in the event loop (the log changes only here), written by a thread."""
+        m = self.machine
+        if m is None or upto <= self.snapshot_step or self.snapshot_step < m.log_start:
+            return
+        steps = [m.log[s] for s in range(self.snapshot_step, upto)]
+        data = msgpack.packb(encode_log(steps, m.chain[self.snapshot_step - 1]), use_bin_type=True)
+        path = self.node.config.home / HOME_LOG_FILE
+        if self._nursery is not None:
+            self._nursery.start_soon(self._write_home_file, path, data)
+
+    async def _write_home_file(self, path: Path, data: bytes) -> None:
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+
+        async with self._home_write_lock:
+            try:
+                await trio.to_thread.run_sync(write)
+            except OSError as exc:
+                log.warning("could not save the ZO log to %s: %s", path, exc)
 
     def _served_state(self) -> SharedState:
         """The snapshot as shared state: its weights, its chain digest, revision = its step."""
@@ -409,7 +458,15 @@ class ZOMode:
             self.snapshot_step,
             snapshot_bytes,
         )
-        await self._handle(self.machine.fetch_from(contacts[0]))
+        if self._home_log is not None and self._home_log.get("s0") == self.snapshot_step:
+            # Restarted with the snapshot the swarm still serves: replay our own saved steps
+            # first (the chain digest of the snapshot authenticates them), fetch the rest.
+            events = self.machine.on_message(self.me, self._home_log, now)
+            self.join["home_log_steps"] = self.machine.next_close - self.snapshot_step
+            self._home_log = None
+            await self._handle(events)
+        if self.machine is not None:
+            await self._handle(self.machine.fetch_from(contacts[0]))
 
     async def _sync_snapshot(self, contacts: list[str]) -> int:
         """Vote with our snapshot; fetch the tensors of the winner that differ (bytes)."""
@@ -602,6 +659,8 @@ class ZOMode:
         if applied.state_hex is not None:
             self.state_hash = applied.state_hex
             self.hash_checks.append((closed.step + 1, applied.state_hex))
+            if self.phase == "member":
+                self._save_log(closed.step + 1)
         if applied.candidate is not None:
             self._candidate = (closed.step + 1, applied.candidate)
         machine = self.machine

@@ -424,6 +424,17 @@ class ZOLog:
         for old in [s for s in self.own_hashes if s < step - 2 * self.settings.hash_every_steps]:
             del self.own_hashes[old]
         events += self._emit_applies()
+        if (
+            self.joining
+            and self.is_member
+            and self.applied == self.next_close
+            and self._catch_up_steps <= self.settings.max_future_steps
+        ):
+            # Caught up, and the agreed log still counts us a member: a re-sync that replayed
+            # faster than the others closed us out. We are a member, not a joiner (a joiner's
+            # admission would never come: the coordinator ignores joins from members).
+            self.joining = False
+            self.join_sent_at = None
         if self.is_member and self.applied == self.open.step and not self.open.sent_own:
             events.append(Produce(self.open.step))
         if self.joining and self.applied == self.next_close:

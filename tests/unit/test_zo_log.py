@@ -411,3 +411,19 @@ def test_a_want_for_a_truncated_step_is_answered_pruned_and_the_asker_resyncs() 
     # Asked from where the log still holds, b answers with the log.
     reply = b.on_message("z", {"t": "zo.want", "s": 24}, sim.now)
     assert [e for e in reply if isinstance(e, Send) and e.msg["t"] == "zo.log"]
+
+
+def test_a_resync_that_replays_before_the_others_close_it_out_is_a_member_again() -> None:
+    sim = Sim(["a", "b", "c"], SNAPSHOTS)
+    sim.run(sim.all_at(10))
+    a = sim.nodes["a"]
+    # c re-syncs from the snapshot of step 8 at once (its hash differed, say): a fresh machine
+    # that replays from there, quicker than a and b give up waiting for its records.
+    sim.add("c", base=(8, a.chain[7], sim.candidates["c"][8]))
+    sim.handle("c", sim.nodes["c"].fetch_from("a"))
+    sim.run(sim.all_at(40))
+    assert_identical(sim, 40)
+    c = sim.nodes["c"]
+    assert "c" in (a.members or ()) and c.is_member
+    assert not c.joining  # it is a member; still "joining", it would never be admitted
+    assert all(len(a.log[s].included) == 3 for s in range(30, 40))

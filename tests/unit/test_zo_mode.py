@@ -122,10 +122,11 @@ def _zo_mode(home: Path, swarm: str = "s") -> Any:
 
 
 def test_a_restarted_node_resumes_from_the_snapshot_saved_in_its_home(tmp_path: Path) -> None:
+    import msgpack
     import torch
     import trio
 
-    from node.zo_mode import CHAIN_TENSOR
+    from node.zo_mode import CHAIN_TENSOR, HOME_LOG_FILE
     from trainer.zo import clone_params, state_hash
 
     first = _zo_mode(tmp_path / "home")
@@ -138,15 +139,22 @@ def test_a_restarted_node_resumes_from_the_snapshot_saved_in_its_home(tmp_path: 
     first.snapshot_chain = bytes(range(16))
     served = first._served_state()
     trio.run(first._save_snapshot, served)
+    # The steps since, as the daemon writes them at every hash check (a zo.log message).
+    saved_log = {"t": "zo.log", "P": ["p"], "s0": 300, "m0": 1, "d0": bytes(16), "S": []}
+    (tmp_path / "home" / HOME_LOG_FILE).write_bytes(msgpack.packb(saved_log))
 
     again = _zo_mode(tmp_path / "home")
     assert again.resumed_from == 300 and again.trainer.step == 300
     assert again.snapshot_chain == bytes(range(16))
+    assert again._home_log == saved_log  # replayed (and checked by the log machine) at the join
     assert state_hash(again.trainer.model) == state_hash(first.trainer.model) != theta_0
     # It serves (and votes with) the same snapshot: a swarm still at step 300 sends nothing.
     assert again._served_state().summary() == served.summary()
     assert CHAIN_TENSOR in served.tensors and served.revision == 300
 
+    # A saved log that starts elsewhere (killed between the two saves) is not used.
+    (tmp_path / "home" / HOME_LOG_FILE).write_bytes(msgpack.packb({**saved_log, "s0": 200}))
+    assert _zo_mode(tmp_path / "home")._home_log is None
     # A snapshot of another swarm in the home is not used.
     other = _zo_mode(tmp_path / "home", swarm="other")
     assert other.resumed_from is None and state_hash(other.trainer.model) == theta_0
