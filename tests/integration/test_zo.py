@@ -210,9 +210,9 @@ def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, 
     # Every member's log is bounded: the steps since the snapshot before the latest one.
     for daemon in [*s.members, joiner]:
         t = training(daemon)
-        assert t["snapshots_agreed"] >= 1 and t["log_start"] >= t["snapshot_step"] - SNAPSHOT_EVERY
+        assert t["log_start"] >= t["snapshot_step"] - SNAPSHOT_EVERY
         assert t["log_steps"] <= 2 * SNAPSHOT_EVERY + 10
-    assert training(s.members[0])["snapshots_agreed"] >= 5
+    assert all(training(d)["snapshots_agreed"] >= 5 for d in s.members)
 
 
 def test_a_member_restarted_from_its_home_resumes_from_its_saved_snapshot(
