@@ -438,6 +438,9 @@ class ZOMode:
         else:
             self.snapshot = {n: t for n, t in state.tensors.items() if n != CHAIN_TENSOR}
             self.snapshot_step, self.snapshot_chain = state.revision, chain
+            if snapshot_bytes and self.snapshot_step and self._nursery is not None:
+                # The snapshot we now serve, in the home too: a restart resumes from it.
+                self._nursery.start_soon(self._save_snapshot, self._served_state())
         async with self._torch_lock:
             await trio.to_thread.run_sync(self._reset_to_snapshot)
         self.join = {
