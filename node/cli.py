@@ -337,9 +337,15 @@ def _zo_line(training: dict[str, Any]) -> str:
         f"members, parity checks {training['parity_checks_passed']} passed "
         f"{training['parity_checks_failed']} failed, {training['rejected']} rejected"
     )
+    if training.get("snapshot_step"):
+        text += (
+            f", snapshot of step {training['snapshot_step']}, log of "
+            f"{training.get('log_steps', 0)} steps"
+        )
     if join.get("done"):
         text += (
-            f"; joined by replay of {join['steps_replayed']} steps in "
+            f"; joined from the snapshot of step {join.get('snapshot_step', 0)} and a replay of "
+            f"{join['steps_replayed']} steps in "
             f"{_bytes(join['snapshot_bytes'] + join['log_bytes'])} "
             f"(full state {_bytes(join['full_state_bytes'])})"
         )

@@ -117,6 +117,7 @@ class NodeConfig:
     zo_eps: float = 1e-3
     zo_samples_per_step: int = 1
     zo_hash_every_steps: int = 10
+    zo_snapshot_every_steps: int = 100
     zo_fedkseed_k: int = 0
     zo_seed_sampling: str = "uniform"
     zo_min_members: int = 1
@@ -397,6 +398,9 @@ KEYS: dict[str, Key] = {
     "zo_eps": Key(_positive_number, "a positive perturbation size"),
     "zo_samples_per_step": Key(_positive_int, "a number of SPSA samples per node-step, 1-255"),
     "zo_hash_every_steps": Key(_positive_int, "a positive number of steps between hash checks"),
+    "zo_snapshot_every_steps": Key(
+        _non_negative_int, "0 (theta_0 only) or a multiple of zo_hash_every_steps"
+    ),
     "zo_fedkseed_k": Key(_non_negative_int, "0 (off) or the number K of FedKSeed candidate seeds"),
     "zo_seed_sampling": Key(_choice("uniform", "weighted"), "one of: uniform, weighted"),
     "zo_min_members": Key(_positive_int, "a positive number of members before step 0"),
@@ -474,6 +478,12 @@ def load_config(
     config = NodeConfig(home=home, **values)
     if not 1 <= config.zo_samples_per_step <= 255:
         raise ConfigError(f"zo_samples_per_step must be 1-255, got {config.zo_samples_per_step}")
+    if config.zo_snapshot_every_steps % config.zo_hash_every_steps:
+        raise ConfigError(
+            f"zo_snapshot_every_steps ({config.zo_snapshot_every_steps}) must be 0 or a multiple "
+            f"of zo_hash_every_steps ({config.zo_hash_every_steps}): a snapshot is taken where "
+            f"the state hash is agreed"
+        )
     if config.record_ttl_s < 2 * config.heartbeat_s:
         raise ConfigError(
             f"record_ttl_s ({config.record_ttl_s}) must be at least twice heartbeat_s "

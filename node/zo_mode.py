@@ -4,12 +4,22 @@ Wiring only: the agreement rules are :mod:`protocols.zo_log` (sans-IO), the nume
 :mod:`trainer.zo`. This module moves the log's messages over the node's control links (one
 ordered queue per peer, :class:`node.collective.NetTransport`), runs every torch step
 (SPSA records, applying a closed step, state hashes) in a worker thread one at a time, keeps
-the run's snapshot (theta_0) for joiners and re-syncs, and reports what ``shoal status`` shows.
+the run's latest agreed snapshot for joiners and re-syncs, and reports what ``shoal status``
+shows.
 
-Join by replay: a node that finds a group checks its theta_0 against the members' snapshot
-through the shared-state sync (``protocols.simnet.StateSync``: it fetches only tensors whose
-hash differs, none when it holds the same checkpoint), then fetches the log since and replays
-it; a node whose state or log differs from the swarm's does the same from its snapshot.
+Snapshots: theta_0 is the first (revision 0). Every ``zo_snapshot_every_steps`` steps (S) each
+node keeps a copy of its weights after step s - 1 as its candidate; when the log machine says
+every hash of step s matched (``SnapshotAgreed``), the candidate replaces the served snapshot
+(shared-state revision s, with the chain digest of step s - 1 as one more small tensor, so the
+replay from it is authenticated), is saved under the home (``zo-snapshots/``), and the log
+drops the steps before s - S. Until then the previous snapshot is served. FedKSeed's K scalars
+restart from zero at every snapshot step (``ZOTrainer.rebase``), on every node alike.
+
+Join by replay: a node that finds a group votes with its own snapshot (theta_0, or the one it
+saved before a restart) in the shared-state sync (``protocols.simnet.StateSync``: it fetches
+only tensors whose hash differs, none when it holds the winning snapshot), then fetches the log
+from the snapshot's step and replays it; a node whose state or log differs from the swarm's
+does the same from its snapshot.
 """
 
 from __future__ import annotations
@@ -17,11 +27,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import torch
 import trio
 
@@ -30,6 +43,7 @@ from protocols.shared_state import SharedState, SharedStateError
 from protocols.simnet import StateSync, StateSyncSettings, TransportError
 from protocols.wire import encode_frame
 from protocols.zo_log import (
+    DIGEST_BYTES,
     HASH_BYTES,
     Apply,
     ClosedStep,
@@ -38,12 +52,19 @@ from protocols.zo_log import (
     Rejected,
     Resync,
     Send,
+    SnapshotAgreed,
     ZOLog,
     ZOLogSettings,
     encode_log,
     genesis_digest,
 )
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointSettings,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from trainer.data import CorpusSettings, TokenBlocks, load_corpus
 from trainer.model import ModelConfig, build_model, model_config, next_token_loss
 from trainer.zo import SeedRecord, ZOSettings, ZOTrainer, clone_params, state_bytes, state_hash
@@ -59,6 +80,22 @@ LIBP2P_FRAMING_BYTES = 30
 HISTORY = 600
 FAULT_EVERY_STEPS = 10
 DRIFT_STEP = 150  # zo_fault = drift: this node's weights move off the swarm's after this step
+CHAIN_TENSOR = "_zo_chain"  # the snapshot's extra tensor: chain digest of the step before it
+SNAPSHOTS = CheckpointSettings(folder_name="zo-snapshots", keep_last=2)
+HOME_LOG_FILE = "zo-log.msgpack"  # the closed steps since the saved snapshot (a zo.log message)
+JOIN_SYNC_ATTEMPTS = 3  # a donor may swap its snapshot between its summary and our fetch
+
+
+def chain_tensor(digest: bytes) -> torch.Tensor:
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+def chain_of(tensors: dict[str, torch.Tensor]) -> bytes | None:
+    """The chain digest a snapshot carries, or None when it has none of the right size."""
+    t = tensors.get(CHAIN_TENSOR)
+    if t is None or t.dtype != torch.uint8 or tuple(t.shape) != (DIGEST_BYTES,):
+        return None
+    return bytes(t.tolist())
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -92,6 +129,20 @@ def zo_model_config(name: str, context_tokens: int) -> ModelConfig:
     return model_config(name, context_tokens=context_tokens)
 
 
+@dataclass(frozen=True)
+class AppliedStep:
+    """What applying one closed step gave (computed in the worker thread)."""
+
+    records: int
+    loss: float | None
+    state_hex: str | None  # the state hash after the step, on the steps before a check
+    candidate: dict[str, torch.Tensor] | None  # the state after the step, before a snapshot
+
+    @property
+    def state(self) -> bytes | None:
+        return bytes.fromhex(self.state_hex)[:HASH_BYTES] if self.state_hex else None
+
+
 class ZOMode:
     """This node's part in the swarm's ZO run."""
 
@@ -107,6 +158,7 @@ class ZOMode:
             anti_entropy_s=c.zo_anti_entropy_s,
             repair_wait_s=c.zo_repair_wait_s,
             min_members=c.zo_min_members,
+            snapshot_every_steps=c.zo_snapshot_every_steps,
         )
         self.zo_settings = ZOSettings(
             swarm=c.swarm,
@@ -119,7 +171,13 @@ class ZOMode:
         self.phase = "loading"
         self.machine: ZOLog | None = None
         self.trainer: ZOTrainer | None = None
-        self.snapshot: dict[str, torch.Tensor] = {}
+        self.snapshot: dict[str, torch.Tensor] = {}  # the served snapshot's weights
+        self.snapshot_step = 0  # its step (= shared-state revision)
+        self.snapshot_chain = self.genesis  # chain digest of step snapshot_step - 1
+        self._candidate: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.snapshots_agreed = 0
+        self.resumed_from: int | None = None  # the saved snapshot this node restarted from
+        self._home_log: dict[str, Any] | None = None  # its saved steps since, replayed once
         self.generation = 0
         self._work_send, self._work_recv = trio.open_memory_channel[tuple[int, Event]](math.inf)
         self.transport: NetTransport | None = None
@@ -145,6 +203,7 @@ class ZOMode:
         self.full_state_bytes = 0
         self.started_at = time.monotonic()
         self._torch_lock = trio.Lock()
+        self._home_write_lock = trio.Lock()
 
     # -- daemon hooks ------------------------------------------------------------------------
 
@@ -197,12 +256,12 @@ class ZOMode:
             await trio.to_thread.run_sync(self._load)
             self.sync = StateSync(
                 self.me,
-                SharedState(self.snapshot, 0),
+                self._served_state(),
                 self.transport,
                 nursery,
                 StateSyncSettings(fetch_timeout_s=c.bulk_io_timeout_s),
             )
-            self.sync.mark_round(1)  # the snapshot (revision 0) is ready to serve
+            self.sync.mark_round(1)  # the snapshot is ready to serve
             self.phase = "waiting"
             self._publish_presence()
             nursery.start_soon(self._worker)
@@ -211,9 +270,14 @@ class ZOMode:
             if contacts:
                 await self._join(contacts)
             else:
-                log.info("founding ZO run in swarm %r", c.swarm)
+                log.info("founding ZO run in swarm %r at step %d", c.swarm, self.snapshot_step)
                 self.machine = ZOLog(
-                    self.me, self.log_settings, self.genesis, 0, [self.me], time.monotonic()
+                    self.me,
+                    self.log_settings,
+                    self.snapshot_chain,
+                    self.snapshot_step,
+                    [self.me],
+                    time.monotonic(),
                 )
                 self._set_phase("member")
                 await self._handle(self.machine.start(time.monotonic()))
@@ -225,6 +289,19 @@ class ZOMode:
         model = build_model(config, seed=c.zo_model_seed)
         if c.zo_init_checkpoint:
             load_weights(model, Path(c.zo_init_checkpoint))
+        saved = self._saved_snapshot(model)
+        if saved is not None:
+            self.snapshot_step, self.snapshot_chain, tensors = saved
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(tensors[name])
+            self.resumed_from = self.snapshot_step
+            self._home_log = self._saved_log(self.snapshot_step)
+            log.info(
+                "resuming from the ZO snapshot of step %d saved in the home (and %s)",
+                saved[0],
+                "its log since" if self._home_log else "no log since",
+            )
         corpus = load_corpus(
             CorpusSettings(sources=c.zo_corpus_sources, max_total_bytes=c.zo_corpus_bytes)
         )
@@ -243,8 +320,87 @@ class ZOMode:
             batches,
             self.me,
             self.zo_settings,
+            start_step=self.snapshot_step,
         )
         self.state_hash = state_hash(model)
+
+    def _saved_snapshot(
+        self, model: torch.nn.Module
+    ) -> tuple[int, bytes, dict[str, torch.Tensor]] | None:
+        """(step, chain digest, weights) of the newest snapshot saved in the home, if it is
+        one of this run (same swarm and model); anything else is logged and ignored."""
+        c = self.node.config
+        try:
+            saved = load_latest_checkpoint(c.home, SNAPSHOTS)
+        except CheckpointError as exc:
+            log.warning("ignoring the saved ZO snapshot: %s", exc)
+            return None
+        if saved is None:
+            return None
+        meta = saved.metadata
+        if (meta.get("swarm"), meta.get("zo_model")) != (c.swarm, c.zo_model):
+            log.warning(
+                "ignoring the saved ZO snapshot %s: it is of swarm %r, model %r",
+                saved.path,
+                meta.get("swarm"),
+                meta.get("zo_model"),
+            )
+            return None
+        chain = chain_of(saved.tensors)
+        params = dict(model.named_parameters())
+        tensors = {n: t for n, t in saved.tensors.items() if n != CHAIN_TENSOR}
+        if chain is None or set(tensors) != set(params):
+            log.warning("ignoring the saved ZO snapshot %s: not this model's tensors", saved.path)
+            return None
+        for name, param in params.items():
+            if tensors[name].shape != param.shape or tensors[name].dtype != param.dtype:
+                log.warning("ignoring the saved ZO snapshot %s: %s differs", saved.path, name)
+                return None
+        return int(meta["revision"]), chain, tensors
+
+    def _saved_log(self, step: int) -> dict[str, Any] | None:
+        """The steps since snapshot ``step`` saved in the home (a zo.log message; the log
+        machine checks it against the snapshot's chain digest like any relayed log)."""
+        path = self.node.config.home / HOME_LOG_FILE
+        try:
+            msg = msgpack.unpackb(path.read_bytes(), raw=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            log.warning("ignoring the saved ZO log %s: %s", path, exc)
+            return None
+        if not isinstance(msg, dict) or msg.get("t") != "zo.log" or msg.get("s0") != step:
+            return None  # of another snapshot (a kill between the two saves): not ours
+        return msg
+
+    def _save_log(self, upto: int) -> None:
+        """Every hash check: the applied steps since the snapshot, for a restart. Encoded here
+        in the event loop (the log changes only here), written by a thread."""
+        m = self.machine
+        if m is None or upto <= self.snapshot_step or self.snapshot_step < m.log_start:
+            return
+        steps = [m.log[s] for s in range(self.snapshot_step, upto)]
+        data = msgpack.packb(encode_log(steps, m.chain[self.snapshot_step - 1]), use_bin_type=True)
+        path = self.node.config.home / HOME_LOG_FILE
+        if self._nursery is not None:
+            self._nursery.start_soon(self._write_home_file, path, data)
+
+    async def _write_home_file(self, path: Path, data: bytes) -> None:
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+
+        async with self._home_write_lock:
+            try:
+                await trio.to_thread.run_sync(write)
+            except OSError as exc:
+                log.warning("could not save the ZO log to %s: %s", path, exc)
+
+    def _served_state(self) -> SharedState:
+        """The snapshot as shared state: its weights, its chain digest, revision = its step."""
+        tensors = {**self.snapshot, CHAIN_TENSOR: chain_tensor(self.snapshot_chain)}
+        return SharedState(tensors, self.snapshot_step)
 
     async def _find_group(self) -> list[str]:
         c = self.node.config
@@ -268,20 +424,27 @@ class ZOMode:
         return out
 
     async def _join(self, contacts: list[str]) -> None:
-        """Snapshot through the shared-state sync, then the log since, replayed."""
+        """The latest snapshot through the shared-state sync, then the log since, replayed."""
         assert self.sync is not None and self.trainer is not None
         self._set_phase("joining")
         self._join_started = time.monotonic()
         self._join_log_bytes = 0
-        snapshot_bytes = 0
-        try:
-            snapshot_bytes = await self.sync.sync(contacts, 0, newcomer=False)
-        except (SharedStateError, trio.TooSlowError, TransportError) as exc:
-            log.warning("snapshot sync failed (%s); replaying from the local theta_0", exc)
-        if snapshot_bytes:
-            self.snapshot = {n: t.clone() for n, t in self.sync.state.tensors.items()}
+        snapshot_bytes = await self._sync_snapshot(contacts)
+        state = self.sync.state
+        chain = chain_of(state.tensors)
+        if chain is None:  # the winner carries no chain digest: keep ours (the log will tell)
+            log.warning("the synced ZO snapshot has no chain digest; keeping the local snapshot")
+            self.sync.state = self._served_state()
+        else:
+            self.snapshot = {n: t for n, t in state.tensors.items() if n != CHAIN_TENSOR}
+            self.snapshot_step, self.snapshot_chain = state.revision, chain
+            if snapshot_bytes and self.snapshot_step and self._nursery is not None:
+                # The snapshot we now serve, in the home too: a restart resumes from it.
+                self._nursery.start_soon(self._save_snapshot, self._served_state())
+        async with self._torch_lock:
             await trio.to_thread.run_sync(self._reset_to_snapshot)
         self.join = {
+            "snapshot_step": self.snapshot_step,
             "snapshot_bytes": snapshot_bytes,
             "log_bytes": 0,
             "full_state_bytes": self.full_state_bytes,
@@ -289,9 +452,43 @@ class ZOMode:
             "done": False,
         }
         now = time.monotonic()
-        self.machine = ZOLog(self.me, self.log_settings, self.genesis, 0, None, now)
-        log.info("joining ZO run through %s: replaying the log", contacts)
-        await self._handle(self.machine.fetch_from(contacts[0]))
+        self.machine = ZOLog(
+            self.me, self.log_settings, self.snapshot_chain, self.snapshot_step, None, now
+        )
+        log.info(
+            "joining ZO run through %s: snapshot of step %d (%d B fetched), replaying the log",
+            contacts,
+            self.snapshot_step,
+            snapshot_bytes,
+        )
+        if self._home_log is not None and self._home_log.get("s0") == self.snapshot_step:
+            # Restarted with the snapshot the swarm still serves: replay our own saved steps
+            # first (the chain digest of the snapshot authenticates them), fetch the rest.
+            events = self.machine.on_message(self.me, self._home_log, now)
+            self.join["home_log_steps"] = self.machine.next_close - self.snapshot_step
+            self._home_log = None
+            await self._handle(events)
+        if self.machine is not None:
+            await self._handle(self.machine.fetch_from(contacts[0]))
+
+    async def _sync_snapshot(self, contacts: list[str]) -> int:
+        """Vote with our snapshot; fetch the tensors of the winner that differ (bytes)."""
+        assert self.sync is not None
+        for attempt in range(1, JOIN_SYNC_ATTEMPTS + 1):
+            try:
+                fetched = await self.sync.sync(contacts, 0, newcomer=False)
+                plan = self.sync.last_plan
+                if plan is not None and plan.holders == (self.me,):
+                    # Our own snapshot won alone (a tie, say after a restart): the members'
+                    # is the one their log continues from.
+                    fetched += await self.sync.sync(contacts, 0, newcomer=True)
+                return fetched
+            except (SharedStateError, trio.TooSlowError, TransportError) as exc:
+                log.warning(
+                    "snapshot sync attempt %d of %d failed: %s", attempt, JOIN_SYNC_ATTEMPTS, exc
+                )
+        log.warning("snapshot sync failed; replaying from the local snapshot")
+        return 0
 
     def _reset_to_snapshot(self) -> None:
         assert self.trainer is not None
@@ -299,10 +496,44 @@ class ZOMode:
             for name, p in self.trainer.model.named_parameters():
                 if name in self.snapshot:
                     p.copy_(self.snapshot[name])
-        self.trainer.step = 0
-        if self.trainer.kseed is not None:
-            self.trainer.kseed.scalars = [0.0] * len(self.trainer.kseed.scalars)
+        self.trainer.step = self.snapshot_step
+        self.trainer.rebase()  # FedKSeed: zero scalars at the snapshot, as on every member
+        self._candidate = None
         self.state_hash = state_hash(self.trainer.model)
+
+    def _promote_snapshot(self, step: int) -> None:
+        """Every hash of step ``step`` matched ours: serve our candidate from now on."""
+        candidate, machine = self._candidate, self.machine
+        if candidate is None or candidate[0] != step or machine is None:
+            log.warning("snapshot of step %d agreed, but this node holds no candidate", step)
+            return
+        self._candidate = None
+        self.snapshot, self.snapshot_step = candidate[1], step
+        self.snapshot_chain = machine.chain[step - 1]
+        self.snapshots_agreed += 1
+        if self.sync is not None:
+            self.sync.state = self._served_state()
+        log.info(
+            "ZO snapshot of step %d agreed; the log keeps steps from %d", step, machine.log_start
+        )
+        if self._nursery is not None:
+            self._nursery.start_soon(self._save_snapshot, self._served_state())
+
+    async def _save_snapshot(self, state: SharedState) -> None:
+        c = self.node.config
+        meta: dict[str, str | int] = {"swarm": c.swarm, "zo_model": c.zo_model}
+        try:
+            await trio.to_thread.run_sync(
+                lambda: save_checkpoint(
+                    c.home,
+                    state.tensors,
+                    revision=state.revision,
+                    metadata=meta,
+                    settings=SNAPSHOTS,
+                )
+            )
+        except (OSError, CheckpointError) as exc:
+            log.warning("could not save the ZO snapshot of step %d: %s", state.revision, exc)
 
     def _begin_resync(self, reason: str) -> None:
         if self.machine is None or self._nursery is None:
@@ -334,6 +565,8 @@ class ZOMode:
             elif isinstance(event, Resync):
                 self._begin_resync(event.reason)
                 return
+            elif isinstance(event, SnapshotAgreed):
+                self._promote_snapshot(event.step)
             elif not self._stopping:
                 self._work_send.send_nowait((self.generation, event))
 
@@ -367,11 +600,11 @@ class ZOMode:
                         await self._send_bad_records(event.step)
             elif isinstance(event, Apply):
                 async with self._torch_lock:
-                    state = await trio.to_thread.run_sync(self._apply, event.closed)
+                    applied = await trio.to_thread.run_sync(self._apply, event.closed)
                 if generation == self.generation:
-                    self._after_apply(event.closed)
+                    self._after_apply(event.closed, applied)
                     await self._handle(
-                        machine.on_applied(event.closed.step, state, time.monotonic())
+                        machine.on_applied(event.closed.step, applied.state, time.monotonic())
                     )
 
     def _produce(self, step: int) -> bytes:
@@ -379,7 +612,10 @@ class ZOMode:
         records = self.trainer.produce_records(step, self.log_settings.samples_per_step)
         return bytes(r.code & 0xFF for r in records)
 
-    def _apply(self, closed: ClosedStep) -> bytes | None:
+    def _apply(self, closed: ClosedStep) -> AppliedStep:
+        """In the worker thread: torch only. What the status shows is recorded by the event
+        loop (:meth:`_after_apply`), never here: ``status()`` iterates those deques, and a
+        thread appending meanwhile breaks the iteration ("deque mutated during iteration")."""
         assert self.trainer is not None
         trainer = self.trainer
         records = []
@@ -405,23 +641,34 @@ class ZOMode:
                     repr(scalars).encode(), digest_size=8
                 ).hexdigest(),
             }
+        candidate = None
+        if self.log_settings.is_snapshot_step(closed.step + 1):
+            # Every node: FedKSeed's scalars restart here; the state is our candidate snapshot.
+            trainer.rebase()
+            candidate = clone_params(trainer.model)
         if self.node.config.zo_fault == "drift" and closed.step == DRIFT_STEP and not self._drifted:
             self._drifted = True  # once: the replay after the re-sync must not drift again
             with torch.no_grad():
                 next(iter(trainer.model.parameters())).view(-1)[0] += 1e-3
-        self.records_per_step.append(metrics.records_applied + metrics.records_skipped_zero)
-        if metrics.loss is not None:
-            self.losses.append((closed.step, metrics.loss))
+        count = metrics.records_applied + metrics.records_skipped_zero
         if (closed.step + 1) % self.log_settings.hash_every_steps:
-            return None
-        self.state_hash = state_hash(trainer.model)
-        self.hash_checks.append((closed.step + 1, self.state_hash))
-        return bytes.fromhex(self.state_hash)[:HASH_BYTES]
+            return AppliedStep(count, metrics.loss, None, candidate)
+        return AppliedStep(count, metrics.loss, state_hash(trainer.model), candidate)
 
-    def _after_apply(self, closed: ClosedStep) -> None:
+    def _after_apply(self, closed: ClosedStep, applied: AppliedStep) -> None:
+        self.records_per_step.append(applied.records)
+        if applied.loss is not None:
+            self.losses.append((closed.step, applied.loss))
+        if applied.state_hex is not None:
+            self.state_hash = applied.state_hex
+            self.hash_checks.append((closed.step + 1, applied.state_hex))
+            if self.phase == "member":
+                self._save_log(closed.step + 1)
+        if applied.candidate is not None:
+            self._candidate = (closed.step + 1, applied.candidate)
         machine = self.machine
         if self.phase == "joining" and self.join is not None:
-            self.join["steps_replayed"] = closed.step + 1
+            self.join["steps_replayed"] = closed.step + 1 - self.join["snapshot_step"]
             self.join["log_bytes"] = self._join_log_bytes
         if machine is not None and machine.is_member and not machine.joining:
             if self.phase != "member":
@@ -533,6 +780,11 @@ class ZOMode:
             "resync_reasons": list(self.resync_reasons),
             "ignored_while_syncing": self.ignored,
             "fetches": m.fetches if m is not None else 0,
+            "snapshot_step": self.snapshot_step,
+            "snapshots_agreed": self.snapshots_agreed,
+            "resumed_from": self.resumed_from,
+            "log_steps": len(m.log) if m is not None else 0,
+            "log_start": m.log_start if m is not None else None,
             "join": self.join,
             "full_state_bytes": self.full_state_bytes,
             "uptime_s": round(time.monotonic() - self.started_at, 3),

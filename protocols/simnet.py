@@ -52,6 +52,7 @@ from protocols.shared_state import (
     SharedState,
     SharedStateError,
     StateSummary,
+    SyncPlan,
     plan_sync,
 )
 
@@ -428,6 +429,7 @@ class StateSync:
         self._summaries: dict[str, StateSummary] = {}
         self._summary_arrived = trio.Event()
         self._fetch_ids = itertools.count()
+        self.last_plan: SyncPlan | None = None  # the vote of the latest sync()
 
     def on_control(self, sender: str, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
@@ -466,8 +468,9 @@ class StateSync:
             self.rejected.append(f"{peer}: {exc.reason}")
 
     async def _serve_fetch(self, peer: str, fetch_id: int, names: list[str]) -> None:
+        state = self.state  # the owner may replace self.state meanwhile (a newer snapshot)
         for name in names:
-            header, payload = self.state.export(name)
+            header, payload = state.export(name)
             frame = msgpack.packb(header, use_bin_type=True)
             data = len(frame).to_bytes(2, "big") + frame + payload
             self.served_bytes += len(payload)
@@ -492,7 +495,8 @@ class StateSync:
                 await self._summary_arrived.wait()
         summaries: dict[str, StateSummary | None] = dict(self._summaries)
         summaries[self.me] = None if newcomer else self.state.summary()
-        order = plan_sync(summaries).for_member(self.me)
+        self.last_plan = plan_sync(summaries)
+        order = self.last_plan.for_member(self.me)
         if order is None:
             return 0
         fetch_id = next(self._fetch_ids)

@@ -35,6 +35,15 @@ Repair. A member that lacks an included record, or sees a close for a later step
 anti-entropy digest ``zo.digest`` ahead of its own, fetches the closed steps (``zo.want`` ->
 ``zo.log``). Joiners follow the same path from the snapshot's step.
 
+Snapshots and truncation. Every ``snapshot_every_steps`` steps (S, a multiple of K), at check
+step s the node's state before s is its candidate snapshot; when every hash of step s equals
+its own, the machine says :class:`SnapshotAgreed` and the node serves that state (revision s,
+through the shared-state sync) instead of the previous one. The log then drops the steps before
+s - S: one interval stays for a joiner that synced the previous snapshot a moment before, and
+for a peer a little behind. A ``zo.want`` for a dropped step is answered ``zo.pruned`` (the
+first step kept); the asker re-syncs from the latest snapshot. So the log holds at most about
+2 S steps, whatever the run's length.
+
 Rejections (each with a reason, nothing silently dropped): a record from a non-member of the
 step, for a step more than ``max_future_steps`` ahead, more codes than ``samples_per_step``, a
 second different record set for one step (a flood), a close from a peer that is not that
@@ -65,12 +74,28 @@ class ZOLogSettings:
     max_log_steps_per_reply: int = 512
     min_members: int = 1  # the founder waits for this many members before step 0
     max_rejections_kept: int = 100
+    # Snapshots: every S steps (a multiple of hash_every_steps; 0 = off), once the state hash
+    # of step s (the state before step s) is agreed, the node serves that state as the swarm's
+    # snapshot and the log drops the steps before s - S (one interval back, for a joiner that
+    # synced the previous snapshot and for a lagging peer).
+    snapshot_every_steps: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.samples_per_step <= 255:
             raise ValueError("samples_per_step must be in 1..255")
         if self.hash_every_steps < 1 or self.max_future_steps < 1:
             raise ValueError("hash_every_steps and max_future_steps must be >= 1")
+        if self.snapshot_every_steps < 0 or self.snapshot_every_steps % self.hash_every_steps:
+            raise ValueError(
+                f"snapshot_every_steps ({self.snapshot_every_steps}) must be 0 or a multiple of "
+                f"hash_every_steps ({self.hash_every_steps}): a snapshot is taken where the state "
+                f"hash is agreed"
+            )
+
+    def is_snapshot_step(self, step: int) -> bool:
+        """Whether the state before ``step`` is a snapshot (taken after applying step - 1)."""
+        s = self.snapshot_every_steps
+        return bool(s and step > 0 and step % s == 0)
 
 
 # ----------------------------------------------------------------------------- events
@@ -109,7 +134,17 @@ class Resync:
     reason: str
 
 
-Event = Send | Produce | Apply | Rejected | Resync
+@dataclass(frozen=True)
+class SnapshotAgreed:
+    """Every hash of check step ``step`` equals this node's: the state before ``step`` (the
+    node's candidate, taken when it applied step - 1) is now the snapshot it serves; the log
+    before ``log_start`` is dropped."""
+
+    step: int
+    log_start: int
+
+
+Event = Send | Produce | Apply | Rejected | Resync | SnapshotAgreed
 
 
 # ----------------------------------------------------------------------------- closed steps
@@ -292,6 +327,9 @@ class ZOLog:
         self.base_step = base_step
         self.chain: dict[int, bytes] = {base_step - 1: genesis}
         self.log: dict[int, ClosedStep] = {}
+        self.snapshot_step = base_step  # the latest agreed snapshot (the base is one)
+        self.log_start = base_step  # the lowest step the log still holds (chain: one before)
+        self.snapshots_agreed = 0
         self.next_close = base_step  # the lowest step not yet closed here
         self.applied = base_step  # the lowest step not yet applied here
         self.members: tuple[str, ...] | None = tuple(sorted(members)) if members else None
@@ -386,6 +424,17 @@ class ZOLog:
         for old in [s for s in self.own_hashes if s < step - 2 * self.settings.hash_every_steps]:
             del self.own_hashes[old]
         events += self._emit_applies()
+        if (
+            self.joining
+            and self.is_member
+            and self.applied == self.next_close
+            and self._catch_up_steps <= self.settings.max_future_steps
+        ):
+            # Caught up, and the agreed log still counts us a member: a re-sync that replayed
+            # faster than the others closed us out. We are a member, not a joiner (a joiner's
+            # admission would never come: the coordinator ignores joins from members).
+            self.joining = False
+            self.join_sent_at = None
         if self.is_member and self.applied == self.open.step and not self.open.sent_own:
             events.append(Produce(self.open.step))
         if self.joining and self.applied == self.next_close:
@@ -472,6 +521,7 @@ class ZOLog:
             "zo.log": self._on_log,
             "zo.digest": self._on_digest,
             "zo.join": self._on_join,
+            "zo.pruned": self._on_pruned,
         }.get(kind)  # type: ignore[arg-type]
         if handler is None:
             return self._reject(sender, f"unknown ZO message type {str(kind)[:40]!r}")
@@ -645,7 +695,25 @@ class ZOLog:
             self.parity_checks_passed += 1
             self.checks.append((closed.step, own.hex()))
             del self.checks[:-1000]
+            if self.settings.is_snapshot_step(closed.step) and closed.step > self.snapshot_step:
+                return self._agree_snapshot(closed.step)
         return []
+
+    def _agree_snapshot(self, step: int) -> list[Event]:
+        """The state before ``step`` is agreed: it becomes the snapshot; truncate the log.
+
+        The steps from one interval back stay (a joiner may have synced the previous snapshot
+        just before this one replaced it; a peer a little behind may still fetch them), so the
+        log holds at most two intervals plus the steps in flight.
+        """
+        self.snapshot_step = step
+        self.snapshots_agreed += 1
+        keep_from = max(self.log_start, step - self.settings.snapshot_every_steps)
+        for old in range(self.log_start, keep_from):
+            self.log.pop(old, None)
+            self.chain.pop(old - 1, None)
+        self.log_start = keep_from
+        return [SnapshotAgreed(step, keep_from)]
 
     # -- closes and takeovers ----------------------------------------------------------------
 
@@ -658,7 +726,8 @@ class ZOLog:
         if not isinstance(joiners, list) or not all(isinstance(j, str) for j in joiners):
             return self._reject(sender, "zo.close joiners must be a list of peer ids")
         if step < self.next_close:
-            if self.chain.get(step) != digest:
+            mine = self.chain.get(step)
+            if mine is not None and mine != digest:  # None: truncated, long agreed
                 return [Resync(f"step {step} closed by {sender} differs from this node's log")]
             return []
         if step > self.next_close + self.settings.max_future_steps:
@@ -765,8 +834,8 @@ class ZOLog:
         start = msg.get("s")
         if not _is_count(start):
             return self._reject(sender, "zo.want needs an integer step 's'")
-        if start < self.base_step:
-            return []
+        if start < self.log_start:  # truncated: the asker must start from a later snapshot
+            return [Send(sender, {"t": "zo.pruned", "s": self.log_start})]
         if start >= self.next_close:  # nothing to send: say where the log ends, and who is in
             last, digest = self.head()
             members = list(self.members or ())
@@ -845,6 +914,19 @@ class ZOLog:
                 return self.fetch_from(sender)
             self._behind_at = self.next_close
         return []
+
+    def _on_pruned(self, sender: str, msg: Mapping[str, Any], now: float) -> list[Event]:
+        first = msg.get("s")
+        if not _is_count(first):
+            return self._reject(sender, "zo.pruned needs an integer step 's'")
+        if first <= self.next_close:  # an answer to an older want: we are past that now
+            return []
+        return [
+            Resync(
+                f"{sender} no longer holds the log from step {self.next_close} (it keeps steps "
+                f"from {first}): re-syncing from the latest snapshot"
+            )
+        ]
 
     def _on_join(self, sender: str, msg: Mapping[str, Any], now: float) -> list[Event]:
         applied = msg.get("a")

@@ -797,5 +797,16 @@ class ZOTrainer:
         self.step = step + 1
         return metrics
 
+    def rebase(self) -> None:
+        """Make the current state the run's base (a snapshot step): FedKSeed's K accumulated
+        scalars restart from zero relative to it (and, with ``fedkseed_rebase_steps``, the
+        rebuilds start from it), so the state stays rebuildable from the latest snapshot plus
+        K scalars, and a joiner that starts from that snapshot holds the same scalars (zero)
+        as every member. Every node calls it after the same step."""
+        if self.kseed is not None:
+            self.kseed.scalars = [0.0] * len(self.kseed.scalars)
+        if self.theta_0 is not None:
+            self.theta_0 = clone_params(self.model)
+
     def state_hash(self) -> str:
         return state_hash(self.model)

@@ -1,12 +1,14 @@
 """Benchmark: shared-seed ZO training across four real daemons, then a late joiner by replay.
 
 Four ``shoal start --train zo`` processes on loopback (two with ATEN_CPU_CAPABILITY=default,
-two with the machine's best) run ``--steps`` steps; a fifth node then joins by replaying the
-log. Reported beside shoal's figures, measured in the same run: the same four trainers in
-lockstep in one process with no network (``reference_steps_per_s``), the full state a joiner
-would otherwise fetch, and the 64-byte Ed25519 signature a signed record would carry.
+two with the machine's best) run ``--steps`` steps; a fifth node then joins: it syncs the
+latest agreed snapshot (every ``--snapshot-every`` steps) through the shared-state sync and
+replays the log since. Reported beside shoal's figures, measured in the same run: the same four
+trainers in lockstep in one process with no network (``reference_steps_per_s``), the full
+state, and the 64-byte Ed25519 signature a signed record would carry.
+``--snapshot-every 0`` gives the join by replay of the whole log from theta_0 (no snapshots).
 
-    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny]
+    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny] [--snapshot-every 100]
 
 The last stdout line is one JSON object.
 """
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--snapshot-every", type=int, default=100)
     args = parser.parse_args()
     tmp_home = Path(tempfile.mkdtemp())
     docs = docs_folder(tmp_home)
@@ -134,6 +137,8 @@ def main() -> None:
         "2",
         "--zo-hash-every-steps",
         "10",
+        "--zo-snapshot-every-steps",
+        str(args.snapshot_every),
     ]
     with tempfile.TemporaryDirectory() as tmp, swarm_of(Path(tmp)) as spawn:
         default = {"ATEN_CPU_CAPABILITY": "default"}
@@ -177,6 +182,9 @@ def main() -> None:
         joiner_matches = sorted(s for s in j_table if s in a_table and j_table[s] == a_table[s])
         joiner_mismatch = sum(1 for s in j_table if s in a_table and j_table[s] != a_table[s])
         capabilities = [t["cpu_capability"] for t in stats]
+        final = [training(d) for d in [*members, joiner]]
+        log_steps_kept = max(t["log_steps"] for t in final)
+        run_steps = min(t["step"] for t in final)
     reference = reference_steps_per_s(args.model, args.context, args.batch, 30)
     replay = join["snapshot_bytes"] + join["log_bytes"]
     result = {
@@ -196,13 +204,20 @@ def main() -> None:
         "pretrained_loss_on_docs": round(start_loss, 4),
         "zo_loss_first": round(statistics.mean(losses[:120]), 4),
         "zo_loss_drop": round(drop, 4),
+        "snapshot_every_steps": args.snapshot_every,
         "replay_join_bytes": replay,
+        "replay_join_snapshot_step": join.get("snapshot_step", 0),
+        "replay_join_snapshot_bytes": join["snapshot_bytes"],
+        "replay_join_log_bytes": join["log_bytes"],
         "replay_join_steps": join["steps_replayed"],
         "replay_join_seconds": join.get("seconds"),
         "joiner_hash_checks_matched": len(joiner_matches),
         "joiner_hash_checks_mismatched": joiner_mismatch,
         "full_state_bytes": join["full_state_bytes"],
-        "full_over_replay": round(join["full_state_bytes"] / max(1, replay), 1),
+        "full_over_replay": round(join["full_state_bytes"] / max(1, replay), 2),
+        "full_over_log": round(join["full_state_bytes"] / max(1, join["log_bytes"]), 1),
+        "log_steps_kept_max": log_steps_kept,
+        "run_steps_at_end": run_steps,
     }
     print(json.dumps(result))
 

@@ -5,7 +5,8 @@ members, two of them with ``ATEN_CPU_CAPABILITY=default`` and two with the machi
 of them also sending bad records (``zo_fault = bad_records``), one whose weights drift once
 (``zo_fault = drift``: the hash check must send it through a re-sync), plus an outsider that
 is not a member and keeps sending records. The tests run in order on it: parity and loss over 500+
-steps, the rejections, a member SIGKILLed mid-step, then a late joiner that replays the log.
+steps, the rejections, a member SIGKILLed mid-step, then a late joiner that syncs the latest
+snapshot and replays the log since, and at last that joiner SIGKILLed and restarted from its home.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
-from node.zo_mode import DRIFT_STEP
+from node.zo_mode import DRIFT_STEP, HOME_LOG_FILE
 from tests.daemons import Daemon, swarm_of, wait_until
 
 ZO = [
@@ -39,6 +41,7 @@ ZO = [
     "nano",
 ]
 STEPS = 505
+SNAPSHOT_EVERY = 100  # the default zo_snapshot_every_steps
 
 
 def training(daemon: Daemon) -> dict[str, Any]:
@@ -87,6 +90,7 @@ class Swarm:
         self.members: list[Daemon] = []
         self.outsider: Daemon | None = None
         self.killed: Daemon | None = None
+        self.late: Daemon | None = None
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +181,7 @@ def test_a_member_killed_mid_step_does_not_stall_the_others(swarm: tuple[Swarm, 
 def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, Any]) -> None:
     s, spawn = swarm
     joiner = spawn("late", *ZO, join=s.members[0]).wait_ready()
+    s.late = joiner
     wait_for(
         lambda: (training(joiner).get("join") or {}).get("done"),
         90,
@@ -192,9 +197,59 @@ def test_a_late_joiner_replays_the_log_and_matches_the_hash(swarm: tuple[Swarm, 
     )
     assert assert_same_hash_at_every_common_check([*s.members, joiner]) >= 3
     join = training(joiner)["join"]
-    assert join["snapshot_bytes"] == 0  # it holds theta_0: the shared-state sync moved nothing
-    assert join["steps_replayed"] >= STEPS
+    # It arrived after several snapshots (every 100 steps): it synced the latest one through
+    # the shared-state sync (its theta_0 differs in every tensor) and replayed only the steps
+    # since, not the whole run.
+    assert join["snapshot_step"] >= 2 * SNAPSHOT_EVERY
+    assert join["snapshot_bytes"] > join["full_state_bytes"] // 2
+    assert 0 < join["steps_replayed"] <= 2 * SNAPSHOT_EVERY < step
     # The nano model's full state is 74 KB; the 100x target is measured on a 3.3 MB model in
     # tests/bench/bench_zo.py.
     assert 0 < join["log_bytes"] * 4 < join["full_state_bytes"]
+    assert len(training(s.members[0])["members"]) == 4
+    # Every member's log is bounded: the steps since the snapshot before the latest one.
+    for daemon in [*s.members, joiner]:
+        t = training(daemon)
+        assert t["log_start"] >= t["snapshot_step"] - SNAPSHOT_EVERY
+        assert t["log_steps"] <= 2 * SNAPSHOT_EVERY + 10
+    assert all(training(d)["snapshots_agreed"] >= 5 for d in s.members)
+
+
+def test_a_member_restarted_from_its_home_resumes_from_its_saved_snapshot(
+    swarm: tuple[Swarm, Any],
+) -> None:
+    s, _ = swarm
+    node = s.late
+    assert node is not None
+    node.kill()  # SIGKILL: only what it wrote before survives
+    saved = sorted((node.home / "zo-snapshots").glob("state-*.safetensors"))
+    newest = int(saved[-1].stem.split("-")[1])
+    home_log = msgpack.unpackb((node.home / HOME_LOG_FILE).read_bytes(), raw=False)
+    node.start().wait_ready()
+    everyone = [*s.members, node]
+    wait_for(
+        lambda: (training(node).get("join") or {}).get("done"),
+        90,
+        "the restarted node to join",
+        everyone,
+    )
+    t = training(node)
+    assert t["resumed_from"] == newest
+    join = t["join"]
+    if join["snapshot_step"] == newest:
+        # The swarm still serves the snapshot it saved: the vote moves no tensor, and it
+        # replays its own saved steps since before it fetches the rest.
+        assert join["snapshot_bytes"] == 0
+        if home_log["s0"] == newest:
+            assert join["home_log_steps"] == len(home_log["S"]) > 0
+    else:  # the swarm agreed a newer snapshot meanwhile: it fetched that one
+        assert join["snapshot_step"] > newest and join["snapshot_bytes"] > 0
+    step = t["step"]
+    wait_for(
+        lambda: all(training(d)["step"] >= step + 25 for d in everyone),
+        60,
+        "a few steps after the restart",
+        everyone,
+    )
+    assert assert_same_hash_at_every_common_check(everyone, since=step) >= 2
     assert len(training(s.members[0])["members"]) == 4

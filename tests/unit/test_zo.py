@@ -517,6 +517,42 @@ def test_fedkseed_rebase_lets_a_joiner_catch_up_from_theta_0_and_k_scalars() -> 
         replay(theta_0, log, settings)
 
 
+def test_fedkseed_rebase_at_a_snapshot_keeps_the_state_rebuildable_from_it_and_k_scalars() -> None:
+    settings = ZOSettings(
+        swarm="fk", lr=3e-3, fedkseed_k=8, fedkseed_rebase_steps=5, weighted_seed_sampling=True
+    )
+    trainers = [
+        ZOTrainer(make_lm(), lm_loss, bigram_batches(i), peer, settings)
+        for i, peer in enumerate(PEERS[:2])
+    ]
+    snapshot: dict[str, torch.Tensor] = {}
+    log = []
+    for step in range(20):
+        records = [r for t in trainers for r in t.produce_records(step, 2)]
+        for t in trainers:
+            t.apply_step(step, records)
+        log.append((step, records))
+        if step + 1 == 10:  # the snapshot of step 10: the state after step 9
+            for t in trainers:
+                t.rebase()
+            snapshot = clone_params(trainers[0].model)
+    live = trainers[0].state_hash()
+    assert trainers[1].state_hash() == live
+    kseed = trainers[0].kseed
+    assert kseed is not None and any(kseed.scalars)
+    # After the rebase step 14 (and 19), the state is the snapshot plus the K scalars since.
+    assert state_hash(rebuild_from_scalars(snapshot, kseed, settings)) == live
+    # A joiner from the snapshot with zero scalars replays steps 10..19 to the same bits.
+    joiner = KSeedState.for_run(settings)
+    caught_up = replay(snapshot, log[10:], settings, theta_0=snapshot, kseed=joiner)
+    assert state_hash(caught_up) == live and joiner.scalars == kseed.scalars
+    # Control: the scalars since theta_0 do not rebuild it from the snapshot.
+    total = KSeedState.for_run(settings)
+    for _step, recs in log:
+        total.accumulate(sorted(recs, key=lambda r: r.order_key), settings)
+    assert state_hash(rebuild_from_scalars(snapshot, total, settings)) != live
+
+
 def test_weighted_seed_sampling_prefers_seeds_with_large_accumulated_scalars() -> None:
     settings = ZOSettings(swarm="fk", fedkseed_k=8)
     kseed = KSeedState.for_run(settings)

@@ -22,6 +22,7 @@ from protocols.zo_log import (
     Rejected,
     Resync,
     Send,
+    SnapshotAgreed,
     ZOLog,
     ZOLogSettings,
     decode_log,
@@ -61,6 +62,9 @@ class Sim:
         self.dead: set[str] = set()
         self.rejected: dict[str, list[str]] = {}
         self.resyncs: dict[str, list[str]] = {}
+        self.snapshots: dict[str, list[int]] = {}  # SnapshotAgreed steps, per node
+        self.candidates: dict[str, dict[int, bytes]] = {}  # state before each snapshot step
+        self.applies: dict[str, int] = {}  # Apply events handled, per node
         self.drop: Callable[[str, str, dict[str, object]], bool] = lambda s, t, m: False
         self.corrupt: Callable[[str, ClosedStep], ClosedStep] | None = None
         founder, *others = names
@@ -69,11 +73,21 @@ class Sim:
             self.add(name)
             self.handle(name, self.nodes[name].fetch_from(founder))
 
-    def add(self, name: str, members: list[str] | None = None) -> None:
-        self.nodes[name] = ZOLog(name, self.settings, GENESIS, 0, members, self.now)
-        self.state[name] = b"theta0"
+    def add(
+        self,
+        name: str,
+        members: list[str] | None = None,
+        base: tuple[int, bytes, bytes] = (0, GENESIS, b"theta0"),
+    ) -> None:
+        """``base``: (snapshot step, chain digest of the step before, state at the snapshot)."""
+        step, digest, state = base
+        self.nodes[name] = ZOLog(name, self.settings, digest, step, members, self.now)
+        self.state[name] = state
         self.rejected[name] = []
         self.resyncs[name] = []
+        self.snapshots[name] = []
+        self.candidates[name] = {}
+        self.applies[name] = 0
         self.handle(name, self.nodes[name].start(self.now))
 
     def handle(self, name: str, events: list[Event]) -> None:
@@ -85,6 +99,10 @@ class Sim:
                 self.rejected[name].append(event.reason)
             elif isinstance(event, Resync):
                 self.resyncs[name].append(event.reason)
+            elif isinstance(event, SnapshotAgreed):
+                # The node serves its candidate from now on (the Sim keeps them all).
+                assert event.step in self.candidates[name]
+                self.snapshots[name].append(event.step)
             else:
                 self.work.append((name, event))
 
@@ -109,7 +127,10 @@ class Sim:
                     self.handle(name, node.on_records_ready(event.step, codes, self.now))
                 elif isinstance(event, Apply):
                     self.state[name] = fold(self.state[name], event.closed)
+                    self.applies[name] += 1
                     step = event.closed.step
+                    if self.settings.is_snapshot_step(step + 1):
+                        self.candidates[name][step + 1] = self.state[name]
                     check = (step + 1) % self.settings.hash_every_steps == 0
                     digest = self.state[name] if check else None
                     self.handle(name, node.on_applied(step, digest, self.now))
@@ -132,7 +153,8 @@ class Sim:
 
 
 def assert_identical(sim: Sim, step: int) -> None:
-    logs = {n: [sim.nodes[n].chain[s] for s in range(step)] for n in sim.alive()}
+    first = max(sim.nodes[n].log_start for n in sim.alive())  # what every log still holds
+    logs = {n: [sim.nodes[n].chain[s] for s in range(first, step)] for n in sim.alive()}
     assert len({tuple(v) for v in logs.values()}) == 1, "logs differ"
     # Same state wherever the same number of steps was applied.
     by_applied: dict[int, set[bytes]] = {}
@@ -307,3 +329,101 @@ def test_control_another_apply_order_changes_the_hash_and_the_canonical_order_is
     enforced = fresh()
     apply_step(enforced, 1, shuffled, settings)  # apply_step sorts into the canonical order
     assert state_hash(enforced) == state_hash(canonical)
+
+
+SNAPSHOTS = ZOLogSettings(
+    samples_per_step=2,
+    step_timeout_s=5.0,
+    close_timeout_s=5.0,
+    hash_every_steps=4,
+    snapshot_every_steps=8,
+)
+
+
+def test_snapshot_steps_must_be_check_steps() -> None:
+    with pytest.raises(ValueError, match="multiple of hash_every_steps"):
+        ZOLogSettings(hash_every_steps=4, snapshot_every_steps=10)
+    assert SNAPSHOTS.is_snapshot_step(16) and not SNAPSHOTS.is_snapshot_step(12)
+    assert not SNAPSHOTS.is_snapshot_step(0)  # theta_0 is the base, not a new snapshot
+
+
+def test_snapshots_are_agreed_at_check_steps_and_the_log_stays_bounded() -> None:
+    sim = Sim(["a", "b", "c"], SNAPSHOTS)
+    sizes = []
+    for target in (100, 200, 300):
+        sim.run(sim.all_at(target))
+        sizes += [(len(n.log), len(n.chain)) for n in sim.nodes.values()]
+    assert_identical(sim, 300)
+    # Every node agreed every snapshot, in order, with the state it had at that step.
+    for name, node in sim.nodes.items():
+        agreed = sim.snapshots[name]
+        assert agreed[:37] == list(range(8, 300, 8))[:37] and len(agreed) >= 36
+        assert node.snapshot_step == agreed[-1] and node.log_start == agreed[-1] - 8
+        assert min(node.log) == node.log_start and 0 not in node.log
+    assert len({sim.candidates[n][288] for n in sim.nodes}) == 1
+    # Bounded: at most two intervals, the open step and what is in flight; not 300 steps.
+    assert max(log for log, _ in sizes) <= 2 * 8 + 2
+    assert all(chain == log + 1 for log, chain in sizes)
+    # Control: without snapshots the log keeps every step.
+    plain = Sim(["a", "b", "c"], SETTINGS)
+    plain.run(plain.all_at(100))
+    assert len(plain.nodes["a"].log) >= 100 and not any(plain.snapshots.values())
+
+
+def test_no_snapshot_is_agreed_where_a_hash_differs() -> None:
+    sim = Sim(["a", "b", "c"], SNAPSHOTS)
+    sim.run(sim.all_at(6))
+    sim.state["c"] = b"bit flip"
+    sim.run(lambda: bool(sim.resyncs["c"]))
+    assert "state hash differs" in sim.resyncs["c"][0]
+    assert sim.snapshots["c"] == [] and sim.nodes["c"].log_start == 0
+    # a and b outvote c, but a snapshot needs every hash of the step equal: none is taken.
+    assert sim.snapshots["a"] == sim.snapshots["b"] == [] and sim.nodes["a"].log_start == 0
+
+
+def test_a_joiner_from_the_latest_snapshot_replays_only_the_steps_since() -> None:
+    sim = Sim(["a", "b"], SNAPSHOTS)
+    sim.run(sim.all_at(53))
+    b = sim.nodes["b"]
+    s = b.snapshot_step
+    assert s == 48
+    # What the shared-state sync gives the joiner: b's snapshot (revision s) and its chain
+    # digest of step s - 1 (it rides with the snapshot, so the replay is authenticated).
+    sim.add("z", base=(s, b.chain[s - 1], sim.candidates["b"][s]))
+    sim.handle("z", sim.nodes["z"].fetch_from("b"))
+    sim.run(lambda: "z" in (sim.nodes["a"].members or ()) and sim.all_at(80)())
+    assert_identical(sim, 80)
+    z = sim.nodes["z"]
+    assert sim.applies["z"] == z.applied - s < 80 - 40  # replayed from step 48, not from 0
+    assert z.parity_checks_passed >= 4 and sim.snapshots["z"][:2] == [56, 64]
+
+
+def test_a_want_for_a_truncated_step_is_answered_pruned_and_the_asker_resyncs() -> None:
+    sim = Sim(["a", "b"], SNAPSHOTS)
+    sim.run(sim.all_at(40))
+    b = sim.nodes["b"]
+    assert b.log_start == 24
+    sim.add("z")  # from theta_0: the steps it needs are gone
+    sim.handle("z", sim.nodes["z"].fetch_from("b"))
+    sim.run(lambda: bool(sim.resyncs["z"]))
+    assert "no longer holds the log from step 0" in sim.resyncs["z"][0]
+    assert "keeps steps from 24" in sim.resyncs["z"][0]
+    # Asked from where the log still holds, b answers with the log.
+    reply = b.on_message("z", {"t": "zo.want", "s": 24}, sim.now)
+    assert [e for e in reply if isinstance(e, Send) and e.msg["t"] == "zo.log"]
+
+
+def test_a_resync_that_replays_before_the_others_close_it_out_is_a_member_again() -> None:
+    sim = Sim(["a", "b", "c"], SNAPSHOTS)
+    sim.run(sim.all_at(10))
+    a = sim.nodes["a"]
+    # c re-syncs from the snapshot of step 8 at once (its hash differed, say): a fresh machine
+    # that replays from there, quicker than a and b give up waiting for its records.
+    sim.add("c", base=(8, a.chain[7], sim.candidates["c"][8]))
+    sim.handle("c", sim.nodes["c"].fetch_from("a"))
+    sim.run(sim.all_at(40))
+    assert_identical(sim, 40)
+    c = sim.nodes["c"]
+    assert "c" in (a.members or ()) and c.is_member
+    assert not c.joining  # it is a member; still "joining", it would never be admitted
+    assert all(len(a.log[s].included) == 3 for s in range(30, 40))

@@ -4,6 +4,8 @@ in tests/integration/test_zo.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ def test_zo_keys_parse_from_every_source(tmp_path: Path) -> None:
     config = load_config(tmp_path, env={"SHOAL_ZO_SAMPLES_PER_STEP": "3"}, flags={})
     assert config.train == "zo" and config.zo_lr == 0.002 and config.zo_fedkseed_k == 64
     assert config.zo_samples_per_step == 3 and config.zo_hash_every_steps == 10
+    assert config.zo_snapshot_every_steps == 100
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,7 @@ def test_zo_keys_parse_from_every_source(tmp_path: Path) -> None:
         ('zo_model = "huge"\n', "nano, micro, tiny, small"),
         ("zo_samples_per_step = 300\n", "zo_samples_per_step must be 1-255"),
         ("zo_step_timeout_s = 0\n", "'zo_step_timeout_s'"),
+        ("zo_snapshot_every_steps = 25\n", "must be 0 or a multiple of zo_hash_every_steps"),
     ],
 )
 def test_bad_zo_values_are_refused_with_the_key(tmp_path: Path, toml: str, needle: str) -> None:
@@ -67,9 +71,12 @@ def test_status_shows_the_zo_training_line() -> None:
             "parity_checks_passed": 12,
             "parity_checks_failed": 0,
             "rejected": 3,
+            "snapshot_step": 100,
+            "log_steps": 27,
             "join": {
                 "done": True,
-                "steps_replayed": 100,
+                "snapshot_step": 100,
+                "steps_replayed": 20,
                 "snapshot_bytes": 0,
                 "log_bytes": 1200,
                 "full_state_bytes": 395264,
@@ -79,7 +86,8 @@ def test_status_shows_the_zo_training_line() -> None:
     line = next(x for x in format_status(status).splitlines() if x.startswith("training"))
     assert "zo member step 120, loss 3.2500, 4.0 records and 210.5 B sent per step" in line
     assert "parity checks 12 passed 0 failed, 3 rejected" in line
-    assert "joined by replay of 100 steps" in line
+    assert "snapshot of step 100, log of 27 steps" in line
+    assert "joined from the snapshot of step 100 and a replay of 20 steps" in line
 
 
 def test_a_checkpoint_is_the_starting_point_and_a_mismatch_is_refused(tmp_path: Path) -> None:
@@ -100,3 +108,53 @@ def test_a_checkpoint_is_the_starting_point_and_a_mismatch_is_refused(tmp_path: 
         load_weights(build_model(narrow, seed=0), path)
     with pytest.raises(CheckpointError, match="lacks parameters"):
         load_weights(build_model(zo_model_config("micro", 16), seed=0), path)
+
+
+def _zo_mode(home: Path, swarm: str = "s") -> Any:
+    from node.zo_mode import ZOMode
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'train = "zo"\nswarm = "{swarm}"\nzo_model = "nano"\n')
+    node = SimpleNamespace(config=load_config(home, env={}, flags={}), peer_id="12D3KooWme")
+    mode = ZOMode(node)  # type: ignore[arg-type]
+    mode._load()
+    return mode
+
+
+def test_a_restarted_node_resumes_from_the_snapshot_saved_in_its_home(tmp_path: Path) -> None:
+    import msgpack
+    import torch
+    import trio
+
+    from node.zo_mode import CHAIN_TENSOR, HOME_LOG_FILE
+    from trainer.zo import clone_params, state_hash
+
+    first = _zo_mode(tmp_path / "home")
+    assert first.resumed_from is None and first.snapshot_step == 0
+    theta_0 = state_hash(first.trainer.model)
+    with torch.no_grad():  # "training": the weights move, a snapshot of step 300 is agreed
+        for p in first.trainer.model.parameters():
+            p.add_(0.01)
+    first.snapshot, first.snapshot_step = clone_params(first.trainer.model), 300
+    first.snapshot_chain = bytes(range(16))
+    served = first._served_state()
+    trio.run(first._save_snapshot, served)
+    # The steps since, as the daemon writes them at every hash check (a zo.log message).
+    saved_log = {"t": "zo.log", "P": ["p"], "s0": 300, "m0": 1, "d0": bytes(16), "S": []}
+    (tmp_path / "home" / HOME_LOG_FILE).write_bytes(msgpack.packb(saved_log))
+
+    again = _zo_mode(tmp_path / "home")
+    assert again.resumed_from == 300 and again.trainer.step == 300
+    assert again.snapshot_chain == bytes(range(16))
+    assert again._home_log == saved_log  # replayed (and checked by the log machine) at the join
+    assert state_hash(again.trainer.model) == state_hash(first.trainer.model) != theta_0
+    # It serves (and votes with) the same snapshot: a swarm still at step 300 sends nothing.
+    assert again._served_state().summary() == served.summary()
+    assert CHAIN_TENSOR in served.tensors and served.revision == 300
+
+    # A saved log that starts elsewhere (killed between the two saves) is not used.
+    (tmp_path / "home" / HOME_LOG_FILE).write_bytes(msgpack.packb({**saved_log, "s0": 200}))
+    assert _zo_mode(tmp_path / "home")._home_log is None
+    # A snapshot of another swarm in the home is not used.
+    other = _zo_mode(tmp_path / "home", swarm="other")
+    assert other.resumed_from is None and state_hash(other.trainer.model) == theta_0
