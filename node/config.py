@@ -117,7 +117,7 @@ class NodeConfig:
     zo_eps: float = 1e-3
     zo_samples_per_step: int = 1
     zo_hash_every_steps: int = 10
-    zo_snapshot_every_steps: int = 100
+    zo_snapshot_every_steps: int = 1000
     zo_fedkseed_k: int = 0
     zo_seed_sampling: str = "uniform"
     zo_min_members: int = 1

@@ -8,7 +8,7 @@ trainers in lockstep in one process with no network (``reference_steps_per_s``),
 state, and the 64-byte Ed25519 signature a signed record would carry.
 ``--snapshot-every 0`` gives the join by replay of the whole log from theta_0 (no snapshots).
 
-    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny] [--snapshot-every 100]
+    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny] [--snapshot-every 1000]
 
 The last stdout line is one JSON object.
 """
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--snapshot-every", type=int, default=100)
+    parser.add_argument("--snapshot-every", type=int, default=1000, help="0: theta_0 only")
     args = parser.parse_args()
     tmp_home = Path(tempfile.mkdtemp())
     docs = docs_folder(tmp_home)

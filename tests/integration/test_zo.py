@@ -39,9 +39,11 @@ ZO = [
     "4",
     "--zo-model",
     "nano",
+    "--zo-snapshot-every-steps",
+    "100",
 ]
 STEPS = 505
-SNAPSHOT_EVERY = 100  # the default zo_snapshot_every_steps
+SNAPSHOT_EVERY = 100  # zo_snapshot_every_steps here (default 1000): a few snapshots per test
 
 
 def training(daemon: Daemon) -> dict[str, Any]:

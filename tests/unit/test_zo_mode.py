@@ -19,7 +19,7 @@ def test_zo_keys_parse_from_every_source(tmp_path: Path) -> None:
     config = load_config(tmp_path, env={"SHOAL_ZO_SAMPLES_PER_STEP": "3"}, flags={})
     assert config.train == "zo" and config.zo_lr == 0.002 and config.zo_fedkseed_k == 64
     assert config.zo_samples_per_step == 3 and config.zo_hash_every_steps == 10
-    assert config.zo_snapshot_every_steps == 100
+    assert config.zo_snapshot_every_steps == 1000
 
 
 @pytest.mark.parametrize(
