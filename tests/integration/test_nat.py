@@ -190,8 +190,18 @@ def test_symmetric_nats_stay_on_the_relay_and_training_includes_them(tmp_path: P
             # Every private node still holds its slots, renewed several times over.
             natted = sorted(d.peer_id for d in (ha, hc, hd))
             for node in (relay, pub):
+                # A relay that refused a node while it did not yet know it was public is asked
+                # again after relay_retry_s: wait for every slot, then for renewals on top.
                 wait_until(
-                    lambda n=node: n.status()["nat"]["relay_renewals"] >= 2 * len(natted),
+                    lambda n=node: n.status()["nat"]["relay_reserved"] == natted,
+                    30,
+                    f"a slot on {node.home.name} for every private node",
+                )
+                renewals = node.status()["nat"]["relay_renewals"]
+                wait_until(
+                    lambda n=node, r=renewals: (
+                        n.status()["nat"]["relay_renewals"] >= r + 2 * len(natted)
+                    ),
                     30,
                     "renewed reservations",
                 )
