@@ -206,15 +206,9 @@ def pretrain(
     )
     started = time.perf_counter()
     for step in range(args.pretrain_steps):
-        model.train()
-        inputs, targets = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        next_token_loss(model, inputs, targets).backward()
-        if settings.inner_grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(args.pretrain_lr, args.pretrain_warmup, step)
-        optimizer.step()
+        plain_step(model, optimizer, stream, settings)
         if (step + 1) % 500 == 0:
             loss = evaluate_loss(model, setup["heldout"])
             print(f"pretrain step {step + 1:>6}  eval {loss:.4f}", file=sys.stderr)
@@ -319,6 +313,20 @@ async def run_ddp(
     return float(curve[-1][1])
 
 
+def plain_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: Any, settings: Any
+) -> int:
+    """One plain AdamW step on the next batch (lr already set); returns its target tokens."""
+    model.train()
+    inputs, targets = next(stream)
+    optimizer.zero_grad(set_to_none=True)
+    next_token_loss(model, inputs, targets).backward()
+    if settings.inner_grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
+    optimizer.step()
+    return int(targets.numel())
+
+
 def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]) -> float:
     settings = setup["settings"]
     model = initial_model(setup)
@@ -329,15 +337,8 @@ def run_single(args: argparse.Namespace, setup: dict[str, Any], curve: list[Any]
     curve.append((0, evaluate_loss(model, setup["heldout"])))
     tokens = 0
     for step in range(1, WORKERS * args.steps + 1):
-        model.train()
-        inputs, targets = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        next_token_loss(model, inputs, targets).backward()
-        if settings.inner_grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.inner_grad_clip_norm)
         set_lr(optimizer, args, args.single_lr, step - 1, WORKERS * args.steps)
-        optimizer.step()
-        tokens += targets.numel()
+        tokens += plain_step(model, optimizer, stream, settings)
         if step % (WORKERS * args.inner_steps) == 0:
             curve.append((tokens, evaluate_loss(model, setup["heldout"])))
             print(f"single  tokens {tokens:>9}  eval {curve[-1][1]:.4f}", file=sys.stderr)
