@@ -539,7 +539,6 @@ class NatService:
         self.state.probe_ports.pop(peer, None)
         self.state.relay_rtt_ms.pop(peer, None)
         self.state.reservations.pop(peer, None)
-        self.state.probes.pop(peer, None)
 
     def _start(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._nursery is not None:

@@ -294,7 +294,6 @@ class RelayService:
             await _reset(stream)
 
     def _relay_addr(self, relay: str) -> str:
-
         for addr in connection_info(self.host, relay)[1]:
             if "/p2p-circuit" not in addr:
                 return addr.split("/p2p/")[0]
