@@ -19,6 +19,8 @@ from typing import Any
 
 import multiaddr
 
+from protocols.zo_log import snapshot_interval_problem
+
 DEFAULT_PORT = 4150
 ENV_PREFIX = "SHOAL_"
 CONFIG_FILE = "config.toml"
@@ -478,12 +480,11 @@ def load_config(
     config = NodeConfig(home=home, **values)
     if not 1 <= config.zo_samples_per_step <= 255:
         raise ConfigError(f"zo_samples_per_step must be 1-255, got {config.zo_samples_per_step}")
-    if config.zo_snapshot_every_steps % config.zo_hash_every_steps:
-        raise ConfigError(
-            f"zo_snapshot_every_steps ({config.zo_snapshot_every_steps}) must be 0 or a multiple "
-            f"of zo_hash_every_steps ({config.zo_hash_every_steps}): a snapshot is taken where "
-            f"the state hash is agreed"
-        )
+    problem = snapshot_interval_problem(
+        config.zo_snapshot_every_steps, config.zo_hash_every_steps, prefix="zo_"
+    )
+    if problem:
+        raise ConfigError(problem)
     if config.record_ttl_s < 2 * config.heartbeat_s:
         raise ConfigError(
             f"record_ttl_s ({config.record_ttl_s}) must be at least twice heartbeat_s "

@@ -62,6 +62,20 @@ HASH_BYTES = 16  # state-hash prefix compared every hash_every_steps steps
 DIGEST_BYTES = 16
 
 
+def snapshot_interval_problem(
+    snapshot_every_steps: int, hash_every_steps: int, prefix: str = ""
+) -> str | None:
+    """Why a snapshot interval does not fit the hash checks, or None when it does (``prefix``:
+    how the caller's settings are named, e.g. ``zo_`` for the config keys)."""
+    if snapshot_every_steps >= 0 and snapshot_every_steps % hash_every_steps == 0:
+        return None
+    return (
+        f"{prefix}snapshot_every_steps ({snapshot_every_steps}) must be 0 or a multiple of "
+        f"{prefix}hash_every_steps ({hash_every_steps}): a snapshot is taken where the state "
+        f"hash is agreed"
+    )
+
+
 @dataclass(frozen=True)
 class ZOLogSettings:
     samples_per_step: int = 1
@@ -85,12 +99,9 @@ class ZOLogSettings:
             raise ValueError("samples_per_step must be in 1..255")
         if self.hash_every_steps < 1 or self.max_future_steps < 1:
             raise ValueError("hash_every_steps and max_future_steps must be >= 1")
-        if self.snapshot_every_steps < 0 or self.snapshot_every_steps % self.hash_every_steps:
-            raise ValueError(
-                f"snapshot_every_steps ({self.snapshot_every_steps}) must be 0 or a multiple of "
-                f"hash_every_steps ({self.hash_every_steps}): a snapshot is taken where the state "
-                f"hash is agreed"
-            )
+        problem = snapshot_interval_problem(self.snapshot_every_steps, self.hash_every_steps)
+        if problem:
+            raise ValueError(problem)
 
     def is_snapshot_step(self, step: int) -> bool:
         """Whether the state before ``step`` is a snapshot (taken after applying step - 1)."""
