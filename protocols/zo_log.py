@@ -377,7 +377,7 @@ class ZOLog:
         return self.members is not None and self.me in self.members
 
     def coordinator(self, attempt: int | None = None) -> str | None:
-        if self.members is None:
+        if not self.members:
             return None
         a = self.open.attempt if attempt is None else attempt
         return self.members[a % len(self.members)]
@@ -908,7 +908,8 @@ class ZOLog:
             return self._reject(sender, "zo.digest needs an integer s and bytes d")
         if self.joining and self.join_sent_at is None and step < self.next_close:
             # The answer to a joiner's zo.want: nothing more to replay, ask to join.
-            if self.members is None and isinstance(msg.get("m"), list):
+            # (an empty list comes from a peer that knows no members yet: no member set)
+            if self.members is None and isinstance(msg.get("m"), list) and msg["m"]:
                 self.members = tuple(sorted(str(p) for p in msg["m"]))
             if self.applied == self.next_close:
                 return self.request_join(now)

@@ -427,3 +427,14 @@ def test_a_resync_that_replays_before_the_others_close_it_out_is_a_member_again(
     assert "c" in (a.members or ()) and c.is_member
     assert not c.joining  # it is a member; still "joining", it would never be admitted
     assert all(len(a.log[s].included) == 3 for s in range(30, 40))
+
+
+def test_a_joiner_ignores_an_empty_member_list_and_reports_no_coordinator() -> None:
+    """Seen in a fresh-clone run: a joiner took the member list of a peer that knew none yet
+    (``m: []`` in its digest), and every ``shoal status`` then failed with a division by zero
+    in ``coordinator``."""
+    joiner = ZOLog("z", ZOLogSettings(), GENESIS, 0, None, 0.0)
+    joiner.fetch_from("b")
+    joiner.on_message("b", {"t": "zo.digest", "s": -1, "d": GENESIS, "m": []}, 0.0)
+    assert joiner.members is None
+    assert joiner.coordinator() is None
