@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -63,7 +64,6 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
-    write_file_atomically,
 )
 from trainer.data import CorpusSettings, TokenBlocks, load_corpus
 from trainer.model import ModelConfig, build_model, model_config, next_token_loss
@@ -386,9 +386,14 @@ class ZOMode:
             self._nursery.start_soon(self._write_home_file, path, data)
 
     async def _write_home_file(self, path: Path, data: bytes) -> None:
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+
         async with self._home_write_lock:
             try:
-                await trio.to_thread.run_sync(write_file_atomically, path, [data])
+                await trio.to_thread.run_sync(write)
             except OSError as exc:
                 log.warning("could not save the ZO log to %s: %s", path, exc)
 

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,18 +131,13 @@ def write_atomically(
     """Write a safetensors file at `path` via temp file + fsync + rename."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header = encode_safetensors_header(cpu, metadata)
-    write_file_atomically(path, [header, *(tensor_raw_bytes(t) for t in cpu.values())])
-
-
-def write_file_atomically(path: Path, parts: Iterable[bytes | memoryview]) -> None:
-    """Write `parts` one after another as the file at `path`: a temp file beside it, fsync,
-    rename, fsync of the folder; a crash leaves the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
+            f.write(header)
+            for tensor in cpu.values():
+                f.write(tensor_raw_bytes(tensor))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
