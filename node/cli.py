@@ -343,12 +343,20 @@ def _zo_line(training: dict[str, Any]) -> str:
             f"{training.get('log_steps', 0)} steps"
         )
     if join.get("done"):
+        how = (
+            "by replay from step 0 (no tensor fetched)"
+            if join.get("path") == "replay"
+            else f"from the snapshot of step {join.get('snapshot_step', 0)}"
+        )
+        speed = join.get("replay_steps_per_s")
         text += (
-            f"; joined from the snapshot of step {join.get('snapshot_step', 0)} and a replay of "
-            f"{join['steps_replayed']} steps in "
+            f"; joined {how}, replaying {join['steps_replayed']} steps"
+            f"{f' at {speed} steps/s' if speed else ''} in "
             f"{_bytes(join['snapshot_bytes'] + join['log_bytes'])} "
             f"(full state {_bytes(join['full_state_bytes'])})"
         )
+        if join.get("reason"):
+            text += f": {join['reason']}"
     return text
 
 

@@ -120,6 +120,9 @@ class NodeConfig:
     zo_samples_per_step: int = 1
     zo_hash_every_steps: int = 10
     zo_snapshot_every_steps: int = 1000
+    zo_archive_max_steps: int = 100_000
+    zo_replay_join_max_steps: int = 10_000
+    zo_join_offer_timeout_s: float = 3.0
     zo_fedkseed_k: int = 0
     zo_seed_sampling: str = "uniform"
     zo_min_members: int = 1
@@ -403,6 +406,15 @@ KEYS: dict[str, Key] = {
     "zo_snapshot_every_steps": Key(
         _non_negative_int, "0 (theta_0 only) or a multiple of zo_hash_every_steps"
     ),
+    "zo_archive_max_steps": Key(
+        _non_negative_int,
+        "0 (no archive) or the most closed steps each node keeps on disk for joins by replay",
+    ),
+    "zo_replay_join_max_steps": Key(
+        _non_negative_int,
+        "0 (always sync the snapshot) or the most steps a joiner holding theta_0 replays",
+    ),
+    "zo_join_offer_timeout_s": Key(_positive_seconds, "a positive number of seconds"),
     "zo_fedkseed_k": Key(_non_negative_int, "0 (off) or the number K of FedKSeed candidate seeds"),
     "zo_seed_sampling": Key(_choice("uniform", "weighted"), "one of: uniform, weighted"),
     "zo_min_members": Key(_positive_int, "a positive number of members before step 0"),

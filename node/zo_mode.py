@@ -15,11 +15,18 @@ replay from it is authenticated), is saved under the home (``zo-snapshots/``), a
 drops the steps before s - S. Until then the previous snapshot is served. FedKSeed's K scalars
 restart from zero at every snapshot step (``ZOTrainer.rebase``), on every node alike.
 
-Join by replay: a node that finds a group votes with its own snapshot (theta_0, or the one it
-saved before a restart) in the shared-state sync (``protocols.simnet.StateSync``: it fetches
-only tensors whose hash differs, none when it holds the winning snapshot), then fetches the log
-from the snapshot's step and replays it; a node whose state or log differs from the swarm's
-does the same from its snapshot.
+Joining: a node that finds a group first asks the members how far back they serve the log
+(``zo.ask`` -> ``zo.offer``). Every node keeps each closed step in an archive under its home
+(``zo-archive/``, :mod:`node.zo_archive`, up to ``zo_archive_max_steps``) and answers wants for
+steps its log in memory dropped from there. A joiner that holds theta_0 (its snapshot is of
+step 0 and its genesis digest, which covers theta_0's hash, is the one a member's archive
+chains from) and finds a member whose archive reaches step 0, with the head within
+``zo_replay_join_max_steps``, replays the whole log from step 0 and fetches no tensor
+(join by replay; ``protocols.zo_log.choose_join_path``). Otherwise it votes with its own
+snapshot (theta_0, or the one it saved before a restart) in the shared-state sync
+(``protocols.simnet.StateSync``: it fetches only tensors whose hash differs, none when it holds
+the winning snapshot), then fetches the log from the snapshot's step and replays it; a node
+whose state or log differs from the swarm's does the same from its snapshot.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 import trio
 
 from node.collective import NetTransport
+from node.zo_archive import ARCHIVE_FOLDER, ArchiveError, ZOArchive
 from protocols.shared_state import SharedState, SharedStateError
 from protocols.simnet import StateSync, StateSyncSettings, TransportError
 from protocols.wire import encode_frame
@@ -46,17 +54,23 @@ from protocols.zo_log import (
     DIGEST_BYTES,
     HASH_BYTES,
     Apply,
+    ArchiveOffer,
     ClosedStep,
     Event,
+    JoinChoice,
+    LogFormatError,
     Produce,
     Rejected,
     Resync,
     Send,
+    ServeArchive,
     SnapshotAgreed,
     ZOLog,
     ZOLogSettings,
+    choose_join_path,
     encode_log,
     genesis_digest,
+    parse_offer,
 )
 from trainer.checkpoint import (
     CheckpointError,
@@ -167,7 +181,7 @@ class ZOMode:
             fedkseed_k=c.zo_fedkseed_k,
             weighted_seed_sampling=c.zo_seed_sampling == "weighted",
         )
-        self.genesis = genesis_digest(c.swarm, 0)
+        self.genesis = genesis_digest(c.swarm, 0)  # with theta_0's hash once it is built
         self.phase = "loading"
         self.machine: ZOLog | None = None
         self.trainer: ZOTrainer | None = None
@@ -204,6 +218,14 @@ class ZOMode:
         self.started_at = time.monotonic()
         self._torch_lock = trio.Lock()
         self._home_write_lock = trio.Lock()
+        self.archive: ZOArchive | None = None  # zo-archive/: every closed step, for replays
+        self._archived_for: ZOLog | None = None  # the machine the archive is aligned with
+        self._offers: dict[str, ArchiveOffer] = {}  # zo.offer answers to this joiner's zo.ask
+        self._offers_wanted: set[str] = set()
+        self._offers_in = trio.Event()
+        self._replay_started: float | None = None
+        self.archive_steps_served = 0
+        self._replay_records = 0
 
     # -- daemon hooks ------------------------------------------------------------------------
 
@@ -212,6 +234,9 @@ class ZOMode:
         if kind.startswith("ss."):
             if self.sync is not None:
                 self.sync.on_control(sender, message)
+            return
+        if kind == "zo.offer":
+            self._on_offer(sender, message)
             return
         if self.machine is None:  # loading or re-syncing: the log catches up by fetching
             self.ignored += 1
@@ -289,6 +314,19 @@ class ZOMode:
         model = build_model(config, seed=c.zo_model_seed)
         if c.zo_init_checkpoint:
             load_weights(model, Path(c.zo_init_checkpoint))
+        # theta_0 (snapshot revision 0) is in the genesis digest, so the chain from step 0
+        # authenticates the base weights too (choose_join_path compares it).
+        theta_0 = bytes.fromhex(state_hash(model))[:HASH_BYTES]
+        self.genesis = self.snapshot_chain = genesis_digest(c.swarm, 0, theta_0)
+        if c.zo_archive_max_steps:
+            self.archive = ZOArchive(
+                c.home / ARCHIVE_FOLDER, c.swarm, c.zo_samples_per_step, c.zo_archive_max_steps
+            )
+            r = self.archive.range
+            log.info(
+                "ZO archive: %s",
+                f"steps {r.start}..{r.end - 1} on disk" if r is not None else "empty",
+            )
         saved = self._saved_snapshot(model)
         if saved is not None:
             self.snapshot_step, self.snapshot_chain, tensors = saved
@@ -424,26 +462,29 @@ class ZOMode:
         return out
 
     async def _join(self, contacts: list[str]) -> None:
-        """The latest snapshot through the shared-state sync, then the log since, replayed."""
+        """Either the whole log from step 0 on the theta_0 this node holds (join by replay:
+        no tensor moves), or the latest snapshot through the shared-state sync and the log
+        since, replayed (:func:`protocols.zo_log.choose_join_path` decides)."""
         assert self.sync is not None and self.trainer is not None
         self._set_phase("joining")
         self._join_started = time.monotonic()
         self._join_log_bytes = 0
-        snapshot_bytes = await self._sync_snapshot(contacts)
-        state = self.sync.state
-        chain = chain_of(state.tensors)
-        if chain is None:  # the winner carries no chain digest: keep ours (the log will tell)
-            log.warning("the synced ZO snapshot has no chain digest; keeping the local snapshot")
-            self.sync.state = self._served_state()
+        self._replay_started, self._replay_records = None, 0
+        choice = await self._choose_join(contacts)
+        if choice.path == "replay" and choice.donor is not None:
+            # theta_0 (revision 0) and its chain digest (the genesis) are ours already; we
+            # serve them until the replay agrees a later snapshot. The donor is asked first.
+            contacts = [choice.donor, *(p for p in contacts if p != choice.donor)]
+            snapshot_bytes = 0
         else:
-            self.snapshot = {n: t for n, t in state.tensors.items() if n != CHAIN_TENSOR}
-            self.snapshot_step, self.snapshot_chain = state.revision, chain
-            if snapshot_bytes and self.snapshot_step and self._nursery is not None:
-                # The snapshot we now serve, in the home too: a restart resumes from it.
-                self._nursery.start_soon(self._save_snapshot, self._served_state())
+            snapshot_bytes = await self._sync_snapshot(contacts)
+            self._take_synced_snapshot(snapshot_bytes)
         async with self._torch_lock:
             await trio.to_thread.run_sync(self._reset_to_snapshot)
         self.join = {
+            "path": choice.path,
+            "reason": choice.reason,
+            "donor": choice.donor,
             "snapshot_step": self.snapshot_step,
             "snapshot_bytes": snapshot_bytes,
             "log_bytes": 0,
@@ -456,8 +497,10 @@ class ZOMode:
             self.me, self.log_settings, self.snapshot_chain, self.snapshot_step, None, now
         )
         log.info(
-            "joining ZO run through %s: snapshot of step %d (%d B fetched), replaying the log",
+            "joining ZO run through %s by %s: snapshot of step %d (%d B fetched), replaying "
+            "the log since",
             contacts,
+            choice.path,
             self.snapshot_step,
             snapshot_bytes,
         )
@@ -470,6 +513,99 @@ class ZOMode:
             await self._handle(events)
         if self.machine is not None:
             await self._handle(self.machine.fetch_from(contacts[0]))
+
+    def _take_synced_snapshot(self, snapshot_bytes: int) -> None:
+        assert self.sync is not None
+        state = self.sync.state
+        chain = chain_of(state.tensors)
+        if chain is None:  # the winner carries no chain digest: keep ours (the log will tell)
+            log.warning("the synced ZO snapshot has no chain digest; keeping the local snapshot")
+            self.sync.state = self._served_state()
+            return
+        self.snapshot = {n: t for n, t in state.tensors.items() if n != CHAIN_TENSOR}
+        self.snapshot_step, self.snapshot_chain = state.revision, chain
+        if snapshot_bytes and self.snapshot_step and self._nursery is not None:
+            # The snapshot we now serve, in the home too: a restart resumes from it.
+            self._nursery.start_soon(self._save_snapshot, self._served_state())
+
+    async def _choose_join(self, contacts: list[str]) -> JoinChoice:
+        """Ask the members how far back they serve the log (zo.ask -> zo.offer, while this
+        node holds theta_0 and may replay), then take the join rule's choice."""
+        c = self.node.config
+        self._offers = {}
+        if c.zo_replay_join_max_steps and self.snapshot_step == 0:
+            self._offers_wanted = set(contacts)
+            self._offers_in = trio.Event()
+            for peer in contacts:
+                await self._send(peer, {"t": "zo.ask"})
+            with trio.move_on_after(c.zo_join_offer_timeout_s):
+                await self._offers_in.wait()
+            self._offers_wanted = set()
+        choice = choose_join_path(
+            self.snapshot_step,
+            self.genesis,
+            list(self._offers.values()),
+            c.zo_replay_join_max_steps,
+        )
+        log.info(
+            "ZO join path: %s (%d of %d members answered): %s",
+            choice.path,
+            len(self._offers),
+            len(contacts),
+            choice.reason,
+        )
+        return choice
+
+    def _on_offer(self, sender: str, message: dict[str, Any]) -> None:
+        if not self._offers_wanted:
+            self.ignored += 1  # an answer that came after the join rule chose
+            return
+        try:
+            self._offers[sender] = parse_offer(sender, message)
+        except LogFormatError as exc:
+            self._note_rejection(sender, f"malformed zo.offer: {exc}")
+            return
+        if self._offers_wanted <= set(self._offers):
+            self._offers_in.set()
+
+    def _archive_step(self, event: Apply) -> None:
+        """Keep a closed step in the archive (in step order: Apply events come so), and tell
+        the machine what the archive now holds (it answers wants from there)."""
+        archive, machine = self.archive, self.machine
+        if archive is None or not event.digest:
+            return
+        try:
+            note = archive.add(event.closed, event.previous, event.digest)
+        except (OSError, ArchiveError) as exc:
+            log.warning(
+                "ZO archive off until a restart: step %d not kept: %s", event.closed.step, exc
+            )
+            archive.close()
+            self.archive = None
+            if machine is not None:
+                machine.archive = None
+            return
+        if note:
+            log.warning("ZO archive: %s", note)
+        if machine is not None:
+            machine.archive = archive.range
+
+    async def _serve_archive(self, event: ServeArchive) -> None:
+        """A want for steps the log in memory dropped: read them from the archive. (In the
+        event loop: ~0.1 ms a step to read and decode, 512 steps at most per reply.)"""
+        try:
+            if self.archive is None:
+                raise ArchiveError("this node keeps no archive now")
+            previous, steps = self.archive.read(event.start, event.stop)
+        except (OSError, ArchiveError) as exc:
+            log.warning(
+                "ZO archive: cannot serve steps %d..%d: %s", event.start, event.stop - 1, exc
+            )
+            m = self.machine
+            await self._send(event.peer, {"t": "zo.pruned", "s": m.log_start if m else event.stop})
+            return
+        self.archive_steps_served += len(steps)
+        await self._send(event.peer, encode_log(steps, previous) | {"h": event.head})
 
     async def _sync_snapshot(self, contacts: list[str]) -> int:
         """Vote with our snapshot; fetch the tensors of the winner that differ (bytes)."""
@@ -567,7 +703,11 @@ class ZOMode:
                 return
             elif isinstance(event, SnapshotAgreed):
                 self._promote_snapshot(event.step)
+            elif isinstance(event, ServeArchive):
+                await self._serve_archive(event)
             elif not self._stopping:
+                if isinstance(event, Apply):
+                    self._archive_step(event)
                 self._work_send.send_nowait((self.generation, event))
 
     async def _send(self, peer: str, msg: dict[str, Any]) -> None:
@@ -668,8 +808,19 @@ class ZOMode:
             self._candidate = (closed.step + 1, applied.candidate)
         machine = self.machine
         if self.phase == "joining" and self.join is not None:
-            self.join["steps_replayed"] = closed.step + 1 - self.join["snapshot_step"]
+            now = time.monotonic()
+            if self._replay_started is None:
+                self._replay_started = now
+            self._replay_records += applied.records
+            replayed = closed.step + 1 - self.join["snapshot_step"]
+            seconds = now - self._replay_started
+            self.join["steps_replayed"] = replayed
+            self.join["records_replayed"] = self._replay_records
             self.join["log_bytes"] = self._join_log_bytes
+            self.join["bytes_fetched"] = self.join["snapshot_bytes"] + self._join_log_bytes
+            if seconds > 0:  # from the first step applied, so the ask and the sync are out
+                self.join["replay_steps_per_s"] = round((replayed - 1) / seconds, 2)
+                self.join["replay_records_per_s"] = round(self._replay_records / seconds, 2)
         if machine is not None and machine.is_member and not machine.joining:
             if self.phase != "member":
                 self._set_phase("member")
@@ -786,10 +937,24 @@ class ZOMode:
             "log_steps": len(m.log) if m is not None else 0,
             "log_start": m.log_start if m is not None else None,
             "join": self.join,
+            "archive": self._archive_status(),
             "full_state_bytes": self.full_state_bytes,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "fedkseed": self._fedkseed_status(),
+        }
+
+    def _archive_status(self) -> dict[str, Any] | None:
+        a = self.archive
+        if a is None:
+            return None
+        r = a.range
+        return {
+            "start": r.start if r is not None else None,
+            "end": r.end if r is not None else None,
+            "steps": a.steps,
+            "bytes": a.size_bytes,
+            "steps_served": self.archive_steps_served,
         }
 
     def _fedkseed_status(self) -> dict[str, Any] | None:

@@ -44,6 +44,13 @@ for a peer a little behind. A ``zo.want`` for a dropped step is answered ``zo.pr
 first step kept); the asker re-syncs from the latest snapshot. So the log holds at most about
 2 S steps, whatever the run's length.
 
+Archive. A node may also keep every closed step on disk (the node's ``zo-archive/``, bounded by
+``zo_archive_max_steps``); it tells the machine the range (:class:`ArchiveRange`), and a
+``zo.want`` for a step dropped from memory but archived is the archive's
+(:class:`ServeArchive`: the node reads the steps and sends them as a ``zo.log``). A joiner asks
+the members how far back they serve (``zo.ask`` -> ``zo.offer``) and, when it holds theta_0,
+replays the whole log from step 0 instead of syncing the snapshot (:func:`choose_join_path`).
+
 Rejections (each with a reason, nothing silently dropped): a record from a non-member of the
 step, for a step more than ``max_future_steps`` ahead, more codes than ``samples_per_step``, a
 second different record set for one step (a flood), a close from a peer that is not that
@@ -127,9 +134,25 @@ class Produce:
 
 @dataclass(frozen=True)
 class Apply:
-    """Apply this closed step (in step order), then call :meth:`ZOLog.on_applied`."""
+    """Apply this closed step (in step order), then call :meth:`ZOLog.on_applied`.
+    ``previous`` and ``digest``: the chain digests before and after it (what an archive of
+    the closed steps keeps beside them)."""
 
     closed: ClosedStep
+    previous: bytes = b""
+    digest: bytes = b""
+
+
+@dataclass(frozen=True)
+class ServeArchive:
+    """Answer ``peer``'s ``zo.want`` from the node's archive: closed steps [start, stop) as one
+    ``zo.log`` (with ``"h": head``, the donor's last closed step). The archive lies outside
+    the machine (on disk); the machine only decides that this request is the archive's."""
+
+    peer: str
+    start: int
+    stop: int
+    head: int
 
 
 @dataclass(frozen=True)
@@ -155,7 +178,7 @@ class SnapshotAgreed:
     log_start: int
 
 
-Event = Send | Produce | Apply | Rejected | Resync | SnapshotAgreed
+Event = Send | Produce | Apply | Rejected | Resync | SnapshotAgreed | ServeArchive
 
 
 # ----------------------------------------------------------------------------- closed steps
@@ -199,10 +222,16 @@ class ClosedStep:
         return h.digest()
 
 
-def genesis_digest(swarm: str, base_step: int) -> bytes:
-    return hashlib.blake2b(
-        f"{swarm}\x00{base_step}".encode(), digest_size=DIGEST_BYTES, person=b"shoal-zo-genesis"
-    ).digest()
+def genesis_digest(swarm: str, base_step: int, theta_0: bytes = b"") -> bytes:
+    """The chain digest "before" the run's first step. ``theta_0``: the hash of the run's base
+    weights, so the chain from step 0 authenticates them too: a node whose theta_0 differs
+    holds another genesis and cannot take the log from step 0 as its own (see
+    :func:`choose_join_path`)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"shoal-zo-genesis")
+    h.update(f"{swarm}\x00{base_step}".encode())
+    if theta_0:
+        h.update(b"\x00theta0" + theta_0)
+    return h.digest()
 
 
 def _bitmap(members: Sequence[str], chosen: Sequence[str]) -> int:
@@ -295,6 +324,126 @@ def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
 
 
+# ----------------------------------------------------------------------------- archive and join
+
+
+@dataclass(frozen=True)
+class ArchiveRange:
+    """The closed steps [start, end) a node keeps on disk (``zo-archive/``), beyond the log in
+    memory; ``before``: the chain digest of step start - 1 (the genesis when start is 0)."""
+
+    start: int
+    end: int
+    before: bytes
+
+
+@dataclass(frozen=True)
+class ArchiveOffer:
+    """A member's answer to a joiner's ``zo.ask``: its head, where its log in memory starts,
+    and the range of its archive (None: it keeps none)."""
+
+    peer: str
+    head: int
+    log_start: int
+    archive: ArchiveRange | None
+
+    def replays_from_zero(self) -> bool:
+        """Whether this member can serve every closed step from step 0 to its head: the
+        archive reaches step 0 and meets the log in memory."""
+        a = self.archive
+        return a is not None and a.start == 0 and a.end >= self.log_start
+
+
+def offer_message(machine: ZOLog) -> dict[str, Any]:
+    a = machine.archive
+    head, _ = machine.head()
+    return {
+        "t": "zo.offer",
+        "h": head,
+        "l": machine.log_start,
+        "a": [a.start, a.end, a.before] if a is not None else None,
+    }
+
+
+def parse_offer(sender: str, msg: Mapping[str, Any]) -> ArchiveOffer:
+    """A ``zo.offer``; raises LogFormatError on anything malformed."""
+    head, log_start, raw = msg.get("h"), msg.get("l"), msg.get("a")
+    if not (isinstance(head, int) and not isinstance(head, bool) and head >= -1):
+        raise LogFormatError("zo.offer needs an integer head 'h' >= -1")
+    if not _is_count(log_start):
+        raise LogFormatError("zo.offer needs an integer log start 'l'")
+    archive = None
+    if raw is not None:
+        if not (isinstance(raw, list) and len(raw) == 3):
+            raise LogFormatError("zo.offer archive 'a' must be [start, end, digest] or nil")
+        start, end, before = raw
+        if not (_is_count(start) and _is_count(end) and start <= end):
+            raise LogFormatError("zo.offer archive range is malformed")
+        if not (isinstance(before, bytes) and len(before) == DIGEST_BYTES):
+            raise LogFormatError(f"zo.offer archive digest must be {DIGEST_BYTES} bytes")
+        archive = ArchiveRange(start, end, before)
+    return ArchiveOffer(sender, head, log_start, archive)
+
+
+@dataclass(frozen=True)
+class JoinChoice:
+    """How a joiner catches up: ``replay`` (the whole log from step 0, on the theta_0 it holds,
+    from ``donor``; no tensor moves) or ``snapshot`` (sync the latest snapshot, replay the log
+    since). ``reason`` says why, for the log and ``shoal status``."""
+
+    path: str
+    reason: str
+    donor: str | None = None
+    steps: int = 0  # replay: the steps up to the donor's head
+
+
+def choose_join_path(
+    snapshot_step: int,
+    genesis: bytes,
+    offers: Sequence[ArchiveOffer],
+    max_replay_steps: int,
+) -> JoinChoice:
+    """The joiner's rule. It replays from step 0 when it holds theta_0 (its snapshot is of step
+    0 and its genesis digest, which covers theta_0's hash, is the one the member's archive
+    chains from), a member can serve every step from 0 to its head, and that head is within
+    ``max_replay_steps`` (0: never). Otherwise it syncs the snapshot, as before."""
+    if max_replay_steps <= 0:
+        return JoinChoice("snapshot", "join by replay is off (zo_replay_join_max_steps = 0)")
+    if snapshot_step != 0:
+        return JoinChoice(
+            "snapshot", f"this node holds the snapshot of step {snapshot_step}, not theta_0"
+        )
+    if not offers:
+        return JoinChoice("snapshot", "no member answered with its archive")
+    full = [o for o in offers if o.replays_from_zero()]
+    if not full:
+        return JoinChoice(
+            "snapshot", "no member's archive reaches step 0 (kept off, bounded, or restarted)"
+        )
+    ours = [o for o in full if o.archive is not None and o.archive.before == genesis]
+    if not ours:
+        return JoinChoice(
+            "snapshot",
+            "this node's theta_0 differs from the run's (its genesis digest, which covers "
+            "theta_0's hash, is not the one the members' archives chain from)",
+        )
+    best = max(ours, key=lambda o: (o.head, o.peer))
+    steps = best.head + 1
+    if steps > max_replay_steps:
+        return JoinChoice(
+            "snapshot",
+            f"the run is at step {best.head}: replaying {steps} steps is more than "
+            f"zo_replay_join_max_steps ({max_replay_steps})",
+        )
+    return JoinChoice(
+        "replay",
+        f"it holds theta_0 and {best.peer}'s archive reaches step 0: replaying {steps} steps "
+        f"fetches no tensor",
+        best.peer,
+        steps,
+    )
+
+
 # ----------------------------------------------------------------------------- the machine
 
 
@@ -369,6 +518,8 @@ class ZOLog:
         self._fetch_at = -1e9
         self._donor: str | None = None
         self._catch_up_steps = 0
+        self.archive: ArchiveRange | None = None  # set by the node: what its disk archive holds
+        self.archive_serves = 0
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -533,6 +684,7 @@ class ZOLog:
             "zo.digest": self._on_digest,
             "zo.join": self._on_join,
             "zo.pruned": self._on_pruned,
+            "zo.ask": self._on_ask,
         }.get(kind)  # type: ignore[arg-type]
         if handler is None:
             return self._reject(sender, f"unknown ZO message type {str(kind)[:40]!r}")
@@ -688,7 +840,8 @@ class ZOLog:
         # One Apply at a time: the node reports on_applied before the next is emitted.
         if self.applied < self.next_close and not self._apply_pending:
             self._apply_pending = True
-            return [Apply(self.log[self.applied])]
+            step = self.applied
+            return [Apply(self.log[step], self.chain[step - 1], self.chain[step])]
         return []
 
     def _check_hashes(self, closed: ClosedStep) -> list[Event]:
@@ -845,8 +998,17 @@ class ZOLog:
         start = msg.get("s")
         if not _is_count(start):
             return self._reject(sender, "zo.want needs an integer step 's'")
-        if start < self.log_start:  # truncated: the asker must start from a later snapshot
-            return [Send(sender, {"t": "zo.pruned", "s": self.log_start})]
+        if start < self.log_start:
+            a = self.archive
+            if a is not None and a.start <= start < a.end and a.end >= self.log_start:
+                # Dropped from memory, kept on disk: the node answers from its archive.
+                self.archive_serves += 1
+                stop = min(a.end, start + self.settings.max_log_steps_per_reply)
+                return [ServeArchive(sender, start, stop, self.next_close - 1)]
+            # Truncated: the asker must start from a later snapshot.
+            kept = a is not None and a.start < self.log_start <= a.end
+            first = a.start if kept and a is not None else self.log_start
+            return [Send(sender, {"t": "zo.pruned", "s": first})]
         if start >= self.next_close:  # nothing to send: say where the log ends, and who is in
             last, digest = self.head()
             members = list(self.members or ())
@@ -939,6 +1101,10 @@ class ZOLog:
                 f"from {first}): re-syncing from the latest snapshot"
             )
         ]
+
+    def _on_ask(self, sender: str, msg: Mapping[str, Any], now: float) -> list[Event]:
+        """A joiner asks how far back this node can serve the log (see choose_join_path)."""
+        return [Send(sender, offer_message(self))]
 
     def _on_join(self, sender: str, msg: Mapping[str, Any], now: float) -> list[Event]:
         applied = msg.get("a")

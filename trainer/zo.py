@@ -46,6 +46,7 @@ from trainer.zo_rng import (
     candidate_seeds,
     check_kind_allowed,
     derive_seed,
+    rademacher_pieces,
     z_chunk,
 )
 
@@ -265,6 +266,9 @@ def subtract_scaled_z(
     can change the rounding on any backend.
     """
     targets = out if out is not None else params
+    if kind is ZKind.RADEMACHER:
+        _subtract_scaled_rademacher(params, targets, seed, scale, chunk_elements)
+        return
     for (name, src), (_, dst) in zip(params, targets, strict=True):
         n = src.numel()
         if n == 0:
@@ -281,6 +285,54 @@ def subtract_scaled_z(
                 torch.sub(src_flat[start:stop], t, out=dst_flat[start:stop])
             if not contiguous_dst:
                 dst.detach().copy_(dst_flat.view_as(dst))
+
+
+def _subtract_scaled_rademacher(
+    params: NamedParams, targets: NamedParams, seed: int, scale: float, chunk_elements: int
+) -> None:
+    """:func:`subtract_scaled_z` for Rademacher z: the same kernels on the same values per
+    element, but z of many tensors (up to ``chunk_elements`` elements at once) is generated in
+    one batch (:func:`trainer.zo_rng.rademacher_pieces`), so the per-tensor op launches that
+    dominated a small model's replay are paid once per batch."""
+    batch: list[tuple[str, int, int, torch.Tensor, torch.Tensor]] = []
+    size = 0
+    dirty: list[tuple[torch.Tensor, torch.Tensor]] = []  # non-contiguous targets: copy back
+
+    def flush() -> None:
+        nonlocal size
+        if not batch:
+            return
+        device = batch[0][3].device
+        ts = rademacher_pieces(seed, [(n, a, b) for n, a, b, _, _ in batch], device, scale)
+        for (_, start, stop, src_flat, dst_flat), t in zip(batch, ts, strict=True):
+            # t = z * scale, exactly (z = +-1); then one subtraction. Elementwise, so writing
+            # into the source's own memory (in place) is safe.
+            torch.sub(src_flat[start:stop], t, out=dst_flat[start:stop])
+        batch.clear()
+        size = 0
+
+    with torch.no_grad():
+        for (name, src), (_, dst) in zip(params, targets, strict=True):
+            n = src.numel()
+            if n == 0:
+                continue
+            src_flat = src.detach().reshape(-1)
+            if dst.is_contiguous():
+                dst_flat = dst.detach().view(-1)
+            else:
+                dst_flat = dst.detach().reshape(-1)
+                dirty.append((dst, dst_flat))
+            for start in range(0, n, chunk_elements):
+                stop = min(n, start + chunk_elements)
+                if size + stop - start > chunk_elements or (
+                    batch and batch[0][3].device != src.device
+                ):
+                    flush()
+                batch.append((name, start, stop, src_flat, dst_flat))
+                size += stop - start
+        flush()
+        for dst, dst_flat in dirty:
+            dst.detach().copy_(dst_flat.view_as(dst))
 
 
 def _record_seed(record: SeedRecord, settings: ZOSettings, kseeds: Sequence[int] | None) -> int:

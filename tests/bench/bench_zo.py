@@ -1,14 +1,18 @@
 """Benchmark: shared-seed ZO training across four real daemons, then a late joiner by replay.
 
 Four ``shoal start --train zo`` processes on loopback (two with ATEN_CPU_CAPABILITY=default,
-two with the machine's best) run ``--steps`` steps; a fifth node then joins: it syncs the
-latest agreed snapshot (every ``--snapshot-every`` steps) through the shared-state sync and
-replays the log since. Reported beside shoal's figures, measured in the same run: the same four
-trainers in lockstep in one process with no network (``reference_steps_per_s``), the full
-state, and the 64-byte Ed25519 signature a signed record would carry.
-``--snapshot-every 0`` gives the join by replay of the whole log from theta_0 (no snapshots).
+two with the machine's best) run ``--steps`` steps, agreeing a snapshot every
+``--snapshot-every`` steps (100: a joiner after 300 steps comes after three); a fifth node then
+joins. It holds theta_0 (the same checkpoint), so it replays the whole log from step 0, the
+steps the members' logs dropped from their archives on disk, and fetches no tensor
+(``path: replay``); with ``--replay-join-max-steps 0`` it syncs the latest snapshot through
+the shared-state sync and replays the log since (``path: snapshot``). Reported beside
+shoal's figures, measured in the same run: the same four trainers in lockstep in one process
+with no network (``reference_steps_per_s``), the full state, and the 64-byte Ed25519 signature
+a signed record would carry.
 
-    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny] [--snapshot-every 1000]
+    .venv/bin/python tests/bench/bench_zo.py [--steps 300] [--model tiny] [--snapshot-every 100]
+        [--replay-join-max-steps N]
 
 The last stdout line is one JSON object.
 """
@@ -111,7 +115,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--snapshot-every", type=int, default=1000, help="0: theta_0 only")
+    parser.add_argument("--snapshot-every", type=int, default=100, help="0: theta_0 only")
+    parser.add_argument(
+        "--replay-join-max-steps",
+        type=int,
+        default=None,
+        help="the joiner's zo_replay_join_max_steps (0: sync the snapshot); default: the config's",
+    )
     args = parser.parse_args()
     tmp_home = Path(tempfile.mkdtemp())
     docs = docs_folder(tmp_home)
@@ -168,7 +178,10 @@ def main() -> None:
         swarm_zo_bytes = sum(sum(t["bytes_sent"].values()) for t in stats)
         record_message = stats[0]["bytes_per_record_message"]
         step_field = len(msgpack.packb(steps))
-        joiner = spawn("late", *zo, join=a).wait_ready()
+        joiner_flags = []
+        if args.replay_join_max_steps is not None:
+            joiner_flags = ["--zo-replay-join-max-steps", str(args.replay_join_max_steps)]
+        joiner = spawn("late", *zo, *joiner_flags, join=a).wait_ready()
         wait_until(lambda: (training(joiner).get("join") or {}).get("done"), 600, "the join")
         join = training(joiner)["join"]
         after = training(joiner)["step"]
@@ -183,6 +196,8 @@ def main() -> None:
         joiner_mismatch = sum(1 for s in j_table if s in a_table and j_table[s] != a_table[s])
         capabilities = [t["cpu_capability"] for t in stats]
         final = [training(d) for d in [*members, joiner]]
+        served = sum((t.get("archive") or {}).get("steps_served", 0) for t in final)
+        snapshots_at_join = min(t["snapshots_agreed"] for t in stats)
         log_steps_kept = max(t["log_steps"] for t in final)
         run_steps = min(t["step"] for t in final)
     reference = reference_steps_per_s(args.model, args.context, args.batch, 30)
@@ -205,12 +220,19 @@ def main() -> None:
         "zo_loss_first": round(statistics.mean(losses[:120]), 4),
         "zo_loss_drop": round(drop, 4),
         "snapshot_every_steps": args.snapshot_every,
+        "snapshots_agreed_before_the_join": snapshots_at_join,
+        "replay_join_path": join.get("path"),
+        "replay_join_reason": join.get("reason"),
         "replay_join_bytes": replay,
         "replay_join_snapshot_step": join.get("snapshot_step", 0),
         "replay_join_snapshot_bytes": join["snapshot_bytes"],
         "replay_join_log_bytes": join["log_bytes"],
         "replay_join_steps": join["steps_replayed"],
+        "replay_join_records": join.get("records_replayed"),
         "replay_join_seconds": join.get("seconds"),
+        "replay_steps_per_s": join.get("replay_steps_per_s"),
+        "replay_records_per_s": join.get("replay_records_per_s"),
+        "archive_steps_served": served,
         "joiner_hash_checks_matched": len(joiner_matches),
         "joiner_hash_checks_mismatched": joiner_mismatch,
         "full_state_bytes": join["full_state_bytes"],

@@ -16,18 +16,23 @@ import torch
 from protocols.zo_log import (
     HASH_BYTES,
     Apply,
+    ArchiveOffer,
+    ArchiveRange,
     ClosedStep,
     Event,
     Produce,
     Rejected,
     Resync,
     Send,
+    ServeArchive,
     SnapshotAgreed,
     ZOLog,
     ZOLogSettings,
+    choose_join_path,
     decode_log,
     encode_log,
     genesis_digest,
+    parse_offer,
 )
 from trainer.zo import SeedRecord, ZOSettings, apply_records_in_order, apply_step, state_hash
 
@@ -67,6 +72,10 @@ class Sim:
         self.applies: dict[str, int] = {}  # Apply events handled, per node
         self.drop: Callable[[str, str, dict[str, object]], bool] = lambda s, t, m: False
         self.corrupt: Callable[[str, ClosedStep], ClosedStep] | None = None
+        # Nodes that keep an archive (in memory here; node/zo_archive.py on disk in a daemon):
+        # step -> (closed, chain digest before it, its digest), filled from the Apply events.
+        self.archived: dict[str, dict[int, tuple[ClosedStep, bytes, bytes]]] = {}
+        self.served: dict[str, int] = {}  # ServeArchive events answered, per node
         founder, *others = names
         self.add(founder, members=[founder])
         for name in others:  # joiners before step 0: the founder has no log to send yet
@@ -103,7 +112,18 @@ class Sim:
                 # The node serves its candidate from now on (the Sim keeps them all).
                 assert event.step in self.candidates[name]
                 self.snapshots[name].append(event.step)
+            elif isinstance(event, ServeArchive):
+                kept = self.archived[name]
+                steps = [kept[s][0] for s in range(event.start, event.stop)]
+                reply = encode_log(steps, kept[event.start][1]) | {"h": event.head}
+                self.served[name] = self.served.get(name, 0) + 1
+                self.wire.append((name, event.peer, msgpack.packb(reply)))
             else:
+                if isinstance(event, Apply) and name in self.archived:
+                    kept = self.archived[name]
+                    kept.setdefault(event.closed.step, (event.closed, event.previous, event.digest))
+                    first = min(kept)
+                    self.nodes[name].archive = ArchiveRange(first, max(kept) + 1, kept[first][1])
                 self.work.append((name, event))
 
     def run(self, until: Callable[[], bool], max_time_s: float = 120.0) -> None:
@@ -438,3 +458,87 @@ def test_a_joiner_ignores_an_empty_member_list_and_reports_no_coordinator() -> N
     joiner.on_message("b", {"t": "zo.digest", "s": -1, "d": GENESIS, "m": []}, 0.0)
     assert joiner.members is None
     assert joiner.coordinator() is None
+
+
+# ----------------------------------------------------------------------------- archive, joins
+
+
+def test_a_joiner_on_theta_0_replays_the_whole_log_from_a_members_archive() -> None:
+    sim = Sim(["a", "b"], SNAPSHOTS)
+    sim.archived["b"] = {}  # b keeps an archive, a does not
+    sim.run(sim.all_at(40))
+    a, b = sim.nodes["a"], sim.nodes["b"]
+    assert a.log_start == b.log_start == 24 and a.snapshot_step == 32
+    sim.add("z")  # holds theta_0, nothing else
+    offers = []
+    for peer in ("a", "b"):
+        (answer,) = sim.nodes[peer].on_message("z", {"t": "zo.ask"}, sim.now)
+        assert isinstance(answer, Send) and answer.peer == "z"
+        offers.append(parse_offer(peer, msgpack.unpackb(msgpack.packb(answer.msg))))
+    assert offers[0].archive is None and offers[1].archive == ArchiveRange(0, 40, GENESIS)
+    choice = choose_join_path(0, GENESIS, offers, max_replay_steps=1000)
+    assert choice.path == "replay" and choice.donor == "b" and "reaches step 0" in choice.reason
+    sim.handle("z", sim.nodes["z"].fetch_from("b"))
+    sim.run(lambda: "z" in (a.members or ()) and sim.all_at(70)())
+    assert_identical(sim, 70)
+    z = sim.nodes["z"]
+    assert sim.resyncs["z"] == [] and sim.rejected["z"] == []
+    assert sim.applies["z"] == z.applied  # every step from 0: the steps a dropped, from b's disk
+    assert sim.served["b"] >= 1 and b.archive_serves >= 1
+    # It checked the hashes of the run as it replayed and agreed the same snapshots.
+    assert sim.snapshots["z"][:3] == [8, 16, 24] and z.parity_checks_passed >= 15
+    # Asked for a step before what b keeps on disk, b still says pruned (from its first step).
+    b.archive = ArchiveRange(8, b.next_close, sim.archived["b"][8][1])
+    reply = b.on_message("y", {"t": "zo.want", "s": 4}, sim.now)
+    assert [e.msg for e in reply if isinstance(e, Send)] == [{"t": "zo.pruned", "s": 8}]
+
+
+def _offer(peer: str, head: int, start: int | None, before: bytes = GENESIS) -> ArchiveOffer:
+    archive = None if start is None else ArchiveRange(start, head + 1, before)
+    return ArchiveOffer(peer, head, max(0, head - 150), archive)
+
+
+@pytest.mark.parametrize(
+    "snapshot_step, offers, max_steps, path, why",
+    [
+        (0, [_offer("a", 500, 0), _offer("b", 501, 0)], 1000, "replay", "b's archive reaches"),
+        (0, [_offer("a", 500, 0)], 0, "snapshot", "replay is off"),
+        (200, [_offer("a", 500, 0)], 1000, "snapshot", "holds the snapshot of step 200"),
+        (0, [], 1000, "snapshot", "no member answered"),
+        (0, [_offer("a", 500, None), _offer("b", 500, 100)], 1000, "snapshot", "reaches step 0"),
+        (0, [_offer("a", 500, 0, b"x" * 16)], 1000, "snapshot", "theta_0 differs"),
+        (0, [_offer("a", 5000, 0)], 1000, "snapshot", "more than zo_replay_join_max_steps"),
+    ],
+)
+def test_the_joiner_replays_from_step_0_only_on_theta_0_and_a_full_archive(
+    snapshot_step: int, offers: list[ArchiveOffer], max_steps: int, path: str, why: str
+) -> None:
+    choice = choose_join_path(snapshot_step, GENESIS, offers, max_steps)
+    assert choice.path == path and why in choice.reason
+    assert (choice.donor is not None) == (path == "replay")
+
+
+def test_an_archive_that_does_not_meet_the_log_in_memory_is_no_replay_source() -> None:
+    # The archive stops at step 100 (bounded, or stopped), the log in memory starts at 300.
+    offer = ArchiveOffer("a", 400, 300, ArchiveRange(0, 100, GENESIS))
+    assert not offer.replays_from_zero()
+    assert choose_join_path(0, GENESIS, [offer], 1000).path == "snapshot"
+
+
+def test_the_genesis_digest_covers_theta_0() -> None:
+    assert genesis_digest("s", 0, b"1" * 16) != genesis_digest("s", 0, b"2" * 16)
+    assert genesis_digest("s", 0, b"1" * 16) != genesis_digest("s", 0)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"t": "zo.offer", "h": "x", "l": 0, "a": None},
+        {"t": "zo.offer", "h": 3, "l": 0, "a": [0, 4]},
+        {"t": "zo.offer", "h": 3, "l": 0, "a": [5, 4, GENESIS]},
+        {"t": "zo.offer", "h": 3, "l": 0, "a": [0, 4, b"short"]},
+    ],
+)
+def test_malformed_offers_are_refused(msg: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        parse_offer("a", msg)

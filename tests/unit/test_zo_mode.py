@@ -87,7 +87,33 @@ def test_status_shows_the_zo_training_line() -> None:
     assert "zo member step 120, loss 3.2500, 4.0 records and 210.5 B sent per step" in line
     assert "parity checks 12 passed 0 failed, 3 rejected" in line
     assert "snapshot of step 100, log of 27 steps" in line
-    assert "joined from the snapshot of step 100 and a replay of 20 steps" in line
+    assert "joined from the snapshot of step 100, replaying 20 steps in 1.2 KB" in line
+    status["training"]["join"] |= {
+        "path": "replay",
+        "reason": "it holds theta_0 and a's archive reaches step 0",
+        "snapshot_step": 0,
+        "steps_replayed": 120,
+        "replay_steps_per_s": 31.5,
+    }
+    line = next(x for x in format_status(status).splitlines() if x.startswith("training"))
+    assert "joined by replay from step 0 (no tensor fetched), replaying 120 steps at 31.5" in line
+    assert "a's archive reaches step 0" in line
+
+
+def test_the_archive_and_replay_join_keys_parse_and_bad_values_are_refused(
+    tmp_path: Path,
+) -> None:
+    config = load_config(tmp_path, env={}, flags={})
+    assert config.zo_archive_max_steps == 100_000 and config.zo_replay_join_max_steps == 10_000
+    config = load_config(
+        tmp_path, env={"SHOAL_ZO_ARCHIVE_MAX_STEPS": "0"}, flags={"zo_replay_join_max_steps": "5"}
+    )
+    assert config.zo_archive_max_steps == 0 and config.zo_replay_join_max_steps == 5
+    for key in ("zo_archive_max_steps", "zo_replay_join_max_steps"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(tmp_path, env={}, flags={key: "-1"})
+    with pytest.raises(ConfigError, match="zo_join_offer_timeout_s"):
+        load_config(tmp_path, env={}, flags={"zo_join_offer_timeout_s": "0"})
 
 
 def test_a_checkpoint_is_the_starting_point_and_a_mismatch_is_refused(tmp_path: Path) -> None:
