@@ -12,8 +12,8 @@ of the payload, payload = one msgpack list):
 * ``["zoa", version, swarm, first_step, before]``: the segment's header (``before``: the chain
   digest of step first_step - 1);
 * ``["p", [peer ids]]``: more peers for the segment's peer table (a step names its members by
-  index, so a peer id is stored once a segment, not once a step: ~40 B a step for four
-  members, ~110 B on the hash-check steps);
+  index, so a peer id is stored once a segment, not once a step: ~50 B a step for four
+  members, ~115 B on the hash-check steps);
 * ``["s", step, digest, [member indices], [included indices], codes, hashes, [joiners]]``.
 
 Authentication is the chain, as for any relayed log: each step's digest is recomputed from its

@@ -592,7 +592,7 @@ class ZOMode:
 
     async def _serve_archive(self, event: ServeArchive) -> None:
         """A want for steps the log in memory dropped: read them from the archive. (In the
-        event loop: ~0.1 ms a step to read and decode, 512 steps at most per reply.)"""
+        event loop: 13 ms to read, decode and encode 512 steps, the most per reply, measured.)"""
         try:
             if self.archive is None:
                 raise ArchiveError("this node keeps no archive now")
