@@ -93,18 +93,25 @@ class NetTransport:
                 self.on_send_failure(peer, "control link down")
                 return
 
-    async def send_tensor(self, peer: str, tag: str, data: bytes) -> None:
+    async def send_tensor(self, peer: str, tag: str, data: bytes | bytearray | memoryview) -> None:
         try:
             channel = await self.bulk.get(peer)
             await channel.send(bulk_tag(tag), data)
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk send: {exc}") from None
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray:
+    async def recv_tensor(
+        self, peer: str, tag: str, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
         try:
             channel = await self.bulk.get(peer)
-            # the channel's fresh bytearray, not a copy (the ring only reads it)
-            return await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s)
+            if into is None:
+                # the channel's fresh bytearray, not a copy (the ring only reads it)
+                return await channel.receive(bulk_tag(tag), timeout_s=self.io_timeout_s)
+            # decrypted straight into `into` when the receive is posted before the transfer
+            # arrives; a transfer of another length is the sender's error
+            await channel.receive(bulk_tag(tag), into, timeout_s=self.io_timeout_s)
+            return into
         except (BulkError, BulkUnavailable) as exc:
             raise TransportError(peer, f"bulk receive: {exc}") from None
 

@@ -173,21 +173,6 @@ def roundtrip(values: torch.Tensor, compression: Compression) -> tuple[EncodedCh
     return chunk, decode(chunk, values.numel(), compression)
 
 
-def float32_frame(numel: int) -> tuple[bytearray, torch.Tensor]:
-    """An uncompressed (``none``) frame to fill in place: its bytes and a float32 view of its
-    payload. Values written into the view make the frame ``pack_frame(encode(values, NONE))``
-    would give, without encode's and pack_frame's copies; the caller checks finiteness."""
-    header = msgpack.packb(
-        {"codec": Compression.NONE.value, "dtype": "float32", "shape": [numel]}, use_bin_type=True
-    )
-    prefix = HEADER_LENGTH.pack(len(header)) + header
-    frame = bytearray(len(prefix) + 4 * numel)
-    frame[: len(prefix)] = prefix
-    if numel == 0:
-        return frame, torch.empty(0, dtype=torch.float32)
-    return frame, torch.frombuffer(frame, dtype=torch.float32, offset=len(prefix), count=numel)
-
-
 def pack_frame(chunk: EncodedChunk) -> bytes:
     """One bulk-channel frame: 2-byte header length, msgpack header, payload."""
     header = msgpack.packb(chunk.header, use_bin_type=True)
@@ -196,7 +181,7 @@ def pack_frame(chunk: EncodedChunk) -> bytes:
     return HEADER_LENGTH.pack(len(header)) + header + chunk.payload
 
 
-def unpack_frame(frame: bytes | bytearray) -> EncodedChunk:
+def unpack_frame(frame: bytes | bytearray | memoryview) -> EncodedChunk:
     """Split a frame from ``pack_frame``; raises ChunkHeaderError on anything malformed.
 
     The payload is a view into ``frame`` (no copy): the frame must not change while the

@@ -23,6 +23,7 @@ frame; ``result_hash()`` is what the member reports as Done.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -31,13 +32,13 @@ from dataclasses import dataclass
 import torch
 
 from protocols.codec import (
+    ChunkSizeError,
     CodecError,
     Compression,
     NonFiniteError,
     all_finite,
     decode,
     encode,
-    float32_frame,
     hash_tensor,
     pack_frame,
     roundtrip,
@@ -93,7 +94,7 @@ class OutgoingFrame:
 
     to: str
     tag: str
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview  # a view of the working buffer when uncompressed
 
 
 def total_weight(weights: Mapping[str, float]) -> float:
@@ -104,28 +105,44 @@ def total_weight(weights: Mapping[str, float]) -> float:
 class RingReduction:
     """One member's part of one ring all-reduce attempt.
 
-    ``buffer`` is the member's own flat float32 input; it is weighted and updated in place and
-    holds the weighted mean once ``done``. With ``copy`` the ring works on a weighted copy
-    instead (one pass, not a clone and then the weighting), left in ``self.buffer``, and the
-    caller's tensor survives an abort.
+    ``source`` is the member's own input: a contiguous flat float32 tensor, or a sequence of
+    tensors of any dtype read in order as one flat float32 buffer. Without ``copy`` (a flat
+    tensor only) the ring weights and updates it in place; it holds the weighted mean once
+    ``done``. With ``copy`` (always for a sequence) the ring works on a weighted copy written
+    in one pass into ``workspace`` (a bytearray of exactly 4 bytes per element, which the
+    caller may reuse across attempts) or a new one, left in ``self.buffer``: the caller's
+    tensors survive an abort.
+
+    Uncompressed frames are the raw float32 bytes of their sub-chunk (no header: the round's
+    spec fixes shape and dtype, so the length is the only thing to check), sent as views of
+    the working buffer, and ``landing(tag)`` names the memory a driver should receive each
+    frame into: a reusable scratch for reduce-scatter frames, the working buffer itself for
+    all-gather ones. So an uncompressed hop allocates nothing and copies nothing it need
+    not. Compressed frames carry the codec header (``pack_frame``) and are fresh bytes.
     """
 
     def __init__(
         self,
         plan: RingPlan,
         me: str,
-        buffer: torch.Tensor,
+        source: torch.Tensor | Sequence[torch.Tensor],
         weights: Mapping[str, float],
         compression: Compression,
         tag_prefix: str,
         copy: bool = False,
+        workspace: bytearray | None = None,
     ) -> None:
         if me not in plan.ring:
             raise RingError(f"{me} is not on the ring {list(plan.ring)}")
-        if buffer.dtype != torch.float32 or buffer.dim() != 1 or not buffer.is_contiguous():
-            raise RingError("buffer must be a contiguous flat float32 tensor")
-        if buffer.numel() != plan.total_elems:
-            raise RingError(f"buffer has {buffer.numel()} elements, plan {plan.total_elems}")
+        parts = [source] if isinstance(source, torch.Tensor) else list(source)
+        if isinstance(source, torch.Tensor):
+            if source.dtype != torch.float32 or source.dim() != 1 or not source.is_contiguous():
+                raise RingError("buffer must be a contiguous flat float32 tensor")
+        elif not copy:
+            raise RingError("a sequence of tensors needs copy=True")
+        elems = sum(t.numel() for t in parts)
+        if elems != plan.total_elems:
+            raise RingError(f"buffer has {elems} elements, plan {plan.total_elems}")
         if set(weights) != set(plan.ring):
             raise RingError("weights must name exactly the ring's members")
         for peer, weight in weights.items():
@@ -138,13 +155,20 @@ class RingReduction:
         # reduce-scatter hop is one add. A finite product proves the input finite (a weight of
         # 0 turns Inf into NaN), and it is what leaves this member, so one check covers both.
         scale = torch.tensor(weights[me], dtype=torch.float32)
-        buffer = torch.mul(buffer, scale) if copy else buffer.mul_(scale)
+        self.workspace: bytearray | None = None  # the working buffer's memory, when copied
+        if copy:
+            self.workspace = _workspace(workspace, 4 * elems)
+            buffer = _float32_view(self.workspace, 0, elems)
+            _weigh_into(parts, scale, buffer)
+        else:
+            buffer = parts[0].mul_(scale)
         if not all_finite(buffer):
             raise NonFiniteError("local input holds NaN or Inf (or overflows when weighted)")
         self.plan = plan
         self.me = me
         self.buffer = buffer
         self.compression = Compression(compression)
+        self.raw = self.compression is Compression.NONE
         self.tag_prefix = tag_prefix
         n = len(plan.ring)
         self.n = n
@@ -155,6 +179,8 @@ class RingReduction:
         self._expected = self._expected_frames()
         self._pending = {tag: key for tag, key in self._expected}
         self._received = 0
+        self._landings: dict[str, tuple[memoryview, torch.Tensor | None]] = {}
+        self._spare: list[tuple[memoryview, torch.Tensor]] = []  # free reduce-scatter scratch
 
     # -- tags and order --------------------------------------------------------------------
 
@@ -184,6 +210,35 @@ class RingReduction:
     def done(self) -> bool:
         return not self._pending
 
+    # -- where frames land -------------------------------------------------------------------
+
+    def _view(self, a: int, b: int) -> memoryview:
+        """The bytes of ``buffer[a:b]`` (the working buffer is ours when copied)."""
+        if self.workspace is not None:
+            return memoryview(self.workspace)[4 * a : 4 * b]
+        return _tensor_bytes_view(self.buffer[a:b])
+
+    def landing(self, tag: str) -> memoryview | None:
+        """Where to receive frame ``tag`` (uncompressed rounds; None: any fresh bytes). Pass
+        the returned view to ``on_frame`` as the frame: it is then used in place. At most
+        as many reduce-scatter scratches exist as frames are received ahead."""
+        key = self._pending.get(tag)
+        if key is None or not self.raw or tag in self._landings:
+            return None
+        phase, segment, j = key
+        a, b = self.plan.chunks(segment)[j]
+        if phase == "ag":
+            view = self._view(a, b)
+            self._landings[tag] = (view, None)
+            return view
+        if self._spare and len(self._spare[-1][0]) == 4 * (b - a):
+            view, scratch = self._spare.pop()
+        else:
+            raw = bytearray(4 * (b - a))
+            view, scratch = memoryview(raw), _float32_view(raw, 0, b - a)
+        self._landings[tag] = (view, scratch)
+        return view
+
     # -- steps -----------------------------------------------------------------------------
 
     def start(self) -> list[OutgoingFrame]:
@@ -195,25 +250,92 @@ class RingReduction:
         out = []
         for j, (a, b) in enumerate(self.plan.chunks(segment)):
             contribution = self.buffer[a:b]  # weighted and checked finite in __init__
-            data: bytes | bytearray
-            if self.compression is Compression.NONE:
-                data, payload = float32_frame(b - a)
-                payload.copy_(contribution)
+            data: bytes | bytearray | memoryview
+            if self.raw:
+                data = self._view(a, b)
             else:
                 data = pack_frame(encode(contribution, self.compression))
             out.append(OutgoingFrame(self.successor, self.tag("rs", segment, j), data))
         return out
 
-    def on_frame(self, tag: str, frame: bytes | bytearray) -> list[OutgoingFrame]:
+    def on_frame(self, tag: str, frame: bytes | bytearray | memoryview) -> list[OutgoingFrame]:
         """Use one frame from the predecessor; returns frames for the successor.
 
         Raises RingError for an unexpected or repeated tag and CodecError (with subclasses
-        for size and NaN/Inf) for a frame that fails validation. The buffer is untouched then.
+        for size and NaN/Inf) for a frame that fails validation. The buffer is untouched
+        then, except by an all-gather frame received into its ``landing``: that memory is
+        the buffer's, and the attempt is over anyway.
         """
         key = self._pending.get(tag)
         if key is None:
             raise RingError(f"unexpected or repeated frame tag {tag!r}")
         phase, segment, j = key
+        landed = self._landings.pop(tag, None)
+        if landed is not None and frame is not landed[0]:
+            self._recycle(landed)
+            landed = None
+        try:
+            if self.raw:
+                return self._on_raw(tag, phase, segment, j, frame, landed)
+            return self._on_encoded(tag, phase, segment, j, frame)
+        finally:
+            if landed is not None:
+                self._recycle(landed)
+
+    def _recycle(self, landed: tuple[memoryview, torch.Tensor | None]) -> None:
+        view, scratch = landed
+        if scratch is not None:
+            self._spare.append((view, scratch))
+
+    def _on_raw(
+        self,
+        tag: str,
+        phase: str,
+        segment: int,
+        j: int,
+        frame: bytes | bytearray | memoryview,
+        landed: tuple[memoryview, torch.Tensor | None] | None,
+    ) -> list[OutgoingFrame]:
+        a, b = self.plan.chunks(segment)[j]
+        size = memoryview(frame).nbytes
+        if size != 4 * (b - a):
+            raise ChunkSizeError(
+                f"frame {tag}: payload of {size} bytes, expected {4 * (b - a)} ({b - a} x float32)"
+            )
+        own = self.buffer[a:b]
+        if phase == "ag":
+            if landed is None:  # bytes from elsewhere: checked before they go in
+                incoming = _float32_view(bytearray(frame), 0, b - a)
+                if not all_finite(incoming):
+                    raise NonFiniteError(f"frame {tag}: chunk holds NaN or Inf")
+                own.copy_(incoming)
+            elif not all_finite(own):
+                raise NonFiniteError(f"frame {tag}: chunk holds NaN or Inf")
+            del self._pending[tag]
+            self._received += 1
+            if (segment - 1) % self.n == self.position:
+                return []  # the successor owns this segment: the all-gather ends here
+            return [OutgoingFrame(self.successor, tag, self._view(a, b))]  # the same bytes
+        # Reduce-scatter: the partial sum in the scratch (or a copy), ours added there, so a
+        # frame holding NaN/Inf (the sum is then not finite) leaves the buffer untouched.
+        acc = landed[1] if landed is not None else None
+        if acc is None:
+            acc = _float32_view(bytearray(frame), 0, b - a)
+        acc.add_(own)
+        owner = segment == self.position
+        if owner:
+            acc.div_(self._total)
+        if not all_finite(acc):
+            raise NonFiniteError(f"frame {tag}: partial sum holds NaN or Inf")
+        own.copy_(acc)
+        del self._pending[tag]
+        self._received += 1
+        next_phase = "ag" if owner else "rs"
+        return [OutgoingFrame(self.successor, self.tag(next_phase, segment, j), self._view(a, b))]
+
+    def _on_encoded(
+        self, tag: str, phase: str, segment: int, j: int, frame: bytes | bytearray | memoryview
+    ) -> list[OutgoingFrame]:
         a, b = self.plan.chunks(segment)[j]
         chunk = unpack_frame(frame)
         # A reduce-scatter frame is checked through its sum with our finite slice (NaN/Inf
@@ -223,50 +345,28 @@ class RingReduction:
             incoming = decode(chunk, b - a, self.compression, check_finite=not partial)
         except CodecError as exc:
             raise type(exc)(f"frame {tag}: {exc.reason}") from None
-        if partial:
-            return self._reduce(tag, segment, j, incoming)
-        del self._pending[tag]
-        self._received += 1
-        self.buffer[a:b] = incoming
-        if (segment - 1) % self.n == self.position:
-            return []  # the successor owns this segment: the all-gather ends here
-        return [OutgoingFrame(self.successor, tag, frame)]  # the exact bytes, unchanged
-
-    def _reduce(
-        self, tag: str, segment: int, j: int, incoming: torch.Tensor
-    ) -> list[OutgoingFrame]:
-        """Add our weighted slice to an incoming partial sum; the owner also divides by the
-        total weight. Written straight into the outgoing frame's payload when uncompressed.
-        Raises NonFiniteError before the buffer changes."""
-        a, b = self.plan.chunks(segment)[j]
         own = self.buffer[a:b]
+        if not partial:
+            del self._pending[tag]
+            self._received += 1
+            own.copy_(incoming)
+            if (segment - 1) % self.n == self.position:
+                return []
+            return [OutgoingFrame(self.successor, tag, frame)]  # the exact bytes, unchanged
+        accumulated = incoming + own
         owner = segment == self.position
-        raw = self.compression is Compression.NONE
-        frame_out: bytes | bytearray
-        if raw:
-            frame_out, accumulated = float32_frame(b - a)
-            torch.add(incoming, own, out=accumulated)
-            if owner:
-                accumulated.div_(self._total)
-        else:
-            accumulated = incoming + own
-            if owner:
-                accumulated = accumulated / self._total
+        if owner:
+            accumulated = accumulated / self._total
         if not all_finite(accumulated):
             raise NonFiniteError(f"frame {tag}: partial sum holds NaN or Inf")
         del self._pending[tag]
         self._received += 1
         if owner:
-            if raw:
-                own.copy_(accumulated)  # decode(encode(x)) is x without compression
-            else:
-                encoded, final = roundtrip(accumulated, self.compression)
-                own.copy_(final)
-                frame_out = pack_frame(encoded)
-            return [OutgoingFrame(self.successor, self.tag("ag", segment, j), frame_out)]
-        if not raw:
-            frame_out = pack_frame(encode(accumulated, self.compression))
-        return [OutgoingFrame(self.successor, self.tag("rs", segment, j), frame_out)]
+            encoded, final = roundtrip(accumulated, self.compression)
+            own.copy_(final)
+            return [OutgoingFrame(self.successor, self.tag("ag", segment, j), pack_frame(encoded))]
+        data = pack_frame(encode(accumulated, self.compression))
+        return [OutgoingFrame(self.successor, self.tag("rs", segment, j), data)]
 
     def _finalize(self, segment: int) -> None:
         for a, b in self.plan.chunks(segment):
@@ -279,6 +379,48 @@ class RingReduction:
         if not self.done:
             raise RingError("result_hash before the all-reduce finished")
         return hash_tensor(self.buffer)
+
+
+# -- working buffers ------------------------------------------------------------------------
+
+
+def _workspace(given: bytearray | None, nbytes: int) -> bytearray:
+    if given is None:
+        return bytearray(nbytes)
+    if len(given) != nbytes:
+        raise RingError(f"workspace has {len(given)} bytes, the ring needs {nbytes}")
+    return given
+
+
+def _float32_view(raw: bytearray, start: int, count: int) -> torch.Tensor:
+    """A float32 tensor over ``count`` elements of ``raw`` from element ``start`` (shared)."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.float32)
+    return torch.frombuffer(raw, dtype=torch.float32, offset=4 * start, count=count)
+
+
+def _tensor_bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (valid while it lives)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _weigh_into(parts: Sequence[torch.Tensor], scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = flatten(parts) * scale`` in float32, one pass per float32 part (others are
+    cast first, then weighted, as flattening then weighting would round them)."""
+    offset = 0
+    for t in parts:
+        n = t.numel()
+        flat = t.detach().reshape(-1)
+        dest = out[offset : offset + n]
+        if flat.dtype == torch.float32:
+            torch.mul(flat, scale, out=dest)
+        else:
+            dest.copy_(flat)
+            dest.mul_(scale)
+        offset += n
 
 
 # -- flattening -----------------------------------------------------------------------------

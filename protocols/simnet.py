@@ -47,7 +47,7 @@ from protocols.allreduce import (
     transfer_tag_prefix,
 )
 from protocols.codec import CodecError, Compression
-from protocols.ring import RingError, RingReduction, flatten, plan_ring, unflatten_into
+from protocols.ring import RingError, RingReduction, plan_ring, unflatten_into
 from protocols.shared_state import (
     SharedState,
     SharedStateError,
@@ -80,9 +80,15 @@ class Transport(Protocol):
 
     async def send_control(self, peer: str, msg: dict[str, Any]) -> None: ...
 
-    async def send_tensor(self, peer: str, tag: str, data: bytes) -> None: ...
+    async def send_tensor(self, peer: str, tag: str, data: bytes | bytearray | memoryview) -> None:
+        """Send one frame; ``data`` may be a view of the sender's memory, read until return."""
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes | bytearray: ...
+    async def recv_tensor(
+        self, peer: str, tag: str, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
+        """The next frame of ``tag`` from ``peer``. With ``into`` (a writable byte view) the
+        frame lands there and ``into`` itself is returned, or, when the frame's length
+        differs, its bytes are returned instead or an error raised."""
 
     def discard_tensors(self, tag_prefix: str) -> None:
         """Drop frames tagged ``tag_prefix + '.'...`` now and on arrival (an aborted attempt)."""
@@ -96,6 +102,14 @@ class RunnerSettings:
     # holds up heartbeats long enough for peers to take this member for dead. Smaller work
     # stays on the loop, where it costs less than the hand-off.
     thread_min_elems: int = 1 << 20
+    # Ring frames whose receive is posted before the frame is used, each into its landing
+    # (see RingReduction.landing): a frame that arrives before its receive is posted costs the
+    # bulk channel a buffer and one more copy. Each costs a sub-chunk of scratch at most.
+    receive_ahead_frames: int = 8
+
+    def __post_init__(self) -> None:
+        if self.io_timeout_s <= 0 or self.receive_ahead_frames < 1:
+            raise ValueError("io_timeout_s must be positive and receive_ahead_frames >= 1")
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class _TransferFinished:
     attempt: int
     result_hash: str
     buffer: torch.Tensor
+    workspace: bytearray | None  # the buffer's memory, for the next round to reuse
 
 
 @dataclass(frozen=True)
@@ -163,9 +178,11 @@ class RoundRunner:
         self._inbox_send, self._inbox = trio.open_memory_channel[object](math.inf)
         self._nursery: trio.Nursery | None = None
         self._transfer: tuple[int, int, trio.CancelScope] | None = None
-        self._finished: dict[tuple[int, int], torch.Tensor] = {}
+        self._finished: dict[tuple[int, int], tuple[torch.Tensor, bytearray | None]] = {}
         self._tensors: Sequence[torch.Tensor] = ()
-        self._input: torch.Tensor = torch.empty(0)
+        # The ring's working buffer, kept for the next attempt and round of the same size:
+        # a fresh 256 MB buffer per round cost more in page faults than the ring's adds.
+        self._workspace: bytearray | None = None
         self._outcome: trio.MemorySendChannel[Completed | Skipped] | None = None
         self._admitted = trio.Event()
         self.admission: Admitted | JoinFailed | None = None
@@ -214,14 +231,12 @@ class RoundRunner:
             raise ValueError(f"weight {weight} must be finite and >= 0")
         names = sorted(tensors)
         ordered = [tensors[name] for name in names]
-        flat = await self._heavy(sum(t.numel() for t in ordered), flatten, ordered)
         if self._outcome is not None or self.machine.phase is not Phase.IDLE:
             raise UsageError(
                 f"allreduce() in phase {self.machine.phase.value}: wait for admission or for "
                 "the running round to end"
             )
         self._tensors = ordered
-        self._input = flat
         spec = RoundSpec(
             tuple(
                 TensorSpec(name, tuple(tensors[name].shape), str(tensors[name].dtype))
@@ -262,7 +277,7 @@ class RoundRunner:
             case _Begin(weight=weight, spec=spec):
                 return m.begin(now, weight, spec)
             case _TransferFinished():
-                self._finished[(item.round, item.attempt)] = item.buffer
+                self._finished[(item.round, item.attempt)] = (item.buffer, item.workspace)
                 return m.transfer_done(item.round, item.attempt, item.result_hash, now)
             case _TransferFailed():
                 if (item.round, item.attempt) != (m.round, m.attempt):
@@ -290,8 +305,9 @@ class RoundRunner:
                     self.transport.discard_tensors(prefix)
                 case Completed():
                     self._stop_transfer()
-                    buffer = self._finished.pop((event.round, event.attempt))
+                    buffer, workspace = self._finished.pop((event.round, event.attempt))
                     await self._heavy(buffer.numel(), unflatten_into, buffer, self._tensors)
+                    self._workspace = workspace
                     self._finish(event)
                 case Skipped():
                     self._stop_transfer()
@@ -328,39 +344,44 @@ class RoundRunner:
         self._nursery.start_soon(self._run_transfer, event, scope)
 
     async def _run_transfer(self, event: StartTransfer, scope: trio.CancelScope) -> None:
-        """The ring for one attempt, on a fresh copy of the input; reports via the inbox."""
+        """The ring for one attempt, on a weighted working copy of the input (the caller's
+        tensors stay as they were for a retry); reports via the inbox."""
         me = self.machine.me
         report: object
+        # An attempt that ends early may leave sends of the buffer in flight (see
+        # _send_frames): it gets its own workspace unless the last one is free.
+        workspace, self._workspace = self._workspace, None
+        elems = event.spec.total_elems
+        if workspace is not None and len(workspace) != 4 * elems:
+            workspace = None
         with scope:
             peer = me
             try:
-                plan = plan_ring(event.ring, event.spec.total_elems, event.chunk_elems)
+                plan = plan_ring(event.ring, elems, event.chunk_elems)
                 ring = await self._heavy(
-                    self._input.numel(),
+                    elems,
                     RingReduction,
                     plan,
                     me,
-                    self._input,
+                    self._tensors,
                     event.weights,
                     event.spec.compression,
                     event.tag_prefix,
                     True,  # a weighted working copy: the input survives an abort for the retry
+                    workspace,
                 )
-                working = ring.buffer
                 peer = ring.predecessor
                 outgoing, frames = trio.open_memory_channel[Any](math.inf)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_frames, frames)
                     for frame in ring.start():
                         outgoing.send_nowait(frame)
-                    for sender, tag in ring.expected():
-                        with trio.fail_after(self.settings.io_timeout_s):
-                            data = await self.transport.recv_tensor(sender, tag)
-                        for frame in ring.on_frame(tag, data):
-                            outgoing.send_nowait(frame)
+                    await self._receive_frames(ring, outgoing, nursery)
                     outgoing.close()
-                result_hash = await self._heavy(working.numel(), ring.result_hash)
-                report = _TransferFinished(event.round, event.attempt, result_hash, working)
+                result_hash = await self._heavy(elems, ring.result_hash)
+                report = _TransferFinished(
+                    event.round, event.attempt, result_hash, ring.buffer, ring.workspace
+                )
             except* trio.TooSlowError:
                 reason = f"no ring frame within io_timeout_s={self.settings.io_timeout_s}"
                 report = _TransferFailed(event.round, event.attempt, peer, reason, blame=False)
@@ -373,6 +394,34 @@ class RoundRunner:
                 assert isinstance(bad, RingError | CodecError)
                 report = _TransferFailed(event.round, event.attempt, peer, bad.reason)
             self._inbox_send.send_nowait(report)
+
+    async def _receive_frames(
+        self,
+        ring: RingReduction,
+        outgoing: trio.MemorySendChannel[Any],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Every frame the ring expects, used in order, with up to ``receive_ahead_frames``
+        receives posted ahead, each into the frame's landing."""
+        expected = ring.expected()
+        arrived: list[Any] = [None] * len(expected)
+        ready = [trio.Event() for _ in expected]
+
+        async def receive(i: int) -> None:
+            sender, tag = expected[i]
+            arrived[i] = await self.transport.recv_tensor(sender, tag, ring.landing(tag))
+            ready[i].set()
+
+        posted = 0
+        for i, (_, tag) in enumerate(expected):
+            while posted < min(len(expected), i + self.settings.receive_ahead_frames):
+                nursery.start_soon(receive, posted)
+                posted += 1
+            with trio.fail_after(self.settings.io_timeout_s):
+                await ready[i].wait()
+            data, arrived[i] = arrived[i], None
+            for frame in ring.on_frame(tag, data):
+                outgoing.send_nowait(frame)
 
     async def _send_frames(self, frames: trio.MemoryReceiveChannel[Any]) -> None:
         """Send the ring's frames in order. A send that has begun is finished even when the
@@ -688,7 +737,7 @@ class SimTransport:
     async def send_control(self, peer: str, msg: dict[str, Any]) -> None:
         await self.net.route_control(self.me, peer, msg)
 
-    async def send_tensor(self, peer: str, tag: str, data: bytes) -> None:
+    async def send_tensor(self, peer: str, tag: str, data: bytes | bytearray | memoryview) -> None:
         self.net._check_frame_faults(self.me)
         await trio.lowlevel.checkpoint()  # a killed sender stops here, the frame unsent
         if not self.net.alive(self.me):
@@ -698,8 +747,14 @@ class SimTransport:
         if self.net.alive(peer):
             self.net.mailboxes[peer].put(self.me, tag, bytes(data))
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes:
-        return await self.net.mailboxes[self.me].get(peer, tag)
+    async def recv_tensor(
+        self, peer: str, tag: str, into: memoryview | None = None
+    ) -> bytes | memoryview:
+        data = await self.net.mailboxes[self.me].get(peer, tag)
+        if into is None or len(data) != into.nbytes:
+            return data
+        into[:] = data
+        return into
 
     def discard_tensors(self, tag_prefix: str) -> None:
         self.net.mailboxes[self.me].discard(tag_prefix)

@@ -90,12 +90,14 @@ class CountingTransport:
     async def send_control(self, peer: str, msg: dict[str, Any]) -> None:
         await self.inner.send_control(peer, msg)
 
-    async def send_tensor(self, peer: str, tag: str, data: bytes) -> None:
-        self.bytes_sent += len(data)
+    async def send_tensor(self, peer: str, tag: str, data: bytes | bytearray | memoryview) -> None:
+        self.bytes_sent += memoryview(data).nbytes
         await self.inner.send_tensor(peer, tag, data)
 
-    async def recv_tensor(self, peer: str, tag: str) -> bytes:
-        data: bytes = await self.inner.recv_tensor(peer, tag)
+    async def recv_tensor(
+        self, peer: str, tag: str, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
+        data: bytes | bytearray | memoryview = await self.inner.recv_tensor(peer, tag, into)
         return data
 
     def discard_tensors(self, tag_prefix: str) -> None:

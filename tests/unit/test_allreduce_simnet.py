@@ -103,6 +103,30 @@ async def test_whole_buffer_work_in_worker_threads_gives_the_same_exact_mean() -
         assert as_bytes(run.buffers[p]) == as_bytes(expected)
 
 
+async def test_rounds_of_one_size_reuse_the_working_buffer_also_after_a_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    peers = [f"p{i}" for i in range(4)]
+    weights = {p: 1.0 for p in peers}
+    async with trio.open_nursery() as nursery:
+        swarm = SimSwarm(nursery, FaultPlan(kill_after_frames={"p3": 6}), SETTINGS)
+        swarm.start(peers)
+        first = await swarm.allreduce_all(clone(integer_inputs(peers, 1)), weights)
+        assert all(isinstance(r.outcome, Completed) for r in first.values())
+        assert sorted(first) == peers[:3] and all(r.aborts for r in first.values())
+        kept = {p: swarm.members[p].runner._workspace for p in peers[:3]}
+        assert all(isinstance(w, bytearray) for w in kept.values())
+        survivors = peers[:3]
+        inputs = clone(integer_inputs(survivors, 2))
+        second = await swarm.allreduce_all(inputs, {p: 1.0 for p in survivors})
+        for p in survivors:
+            assert isinstance(second[p].outcome, Completed) and second[p].aborts == ()
+            assert swarm.members[p].runner._workspace is kept[p]  # same size: reused
+        expected = weighted_mean(integer_inputs(survivors, 2), weights, survivors)
+        assert as_bytes(inputs["p0"]) == as_bytes(expected)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("compression", list(Compression))
 async def test_every_codec_gives_byte_identical_results(
     compression: Compression, autojump_clock: trio.testing.MockClock
