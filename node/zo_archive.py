@@ -174,7 +174,9 @@ class ZOArchive:
             raise ArchiveError(f"steps {start}..{stop - 1} are not all in the archive ({r})")
         previous = b""
         out: list[ClosedStep] = []
-        for seg in self.segments:
+        # A copy: the node reads in a worker thread while the event loop may append (or drop
+        # the oldest segment); a segment dropped meanwhile fails to open (OSError).
+        for seg in list(self.segments):
             lo, hi = max(start, seg.first), min(stop, seg.end)
             if lo >= hi:
                 continue
@@ -190,6 +192,8 @@ class ZOArchive:
                 out.append(_step_from(payload, seg.peers, self.samples)[0])
             if lo == start:
                 previous = seg.before if lo == seg.first else self._digest_at(seg, lo - 1)
+        if len(out) != stop - start or (out and out[0].step != start):
+            raise ArchiveError(f"steps {start}..{stop - 1} changed while being read")
         return previous, out
 
     def digest_at(self, step: int) -> bytes | None:

@@ -557,8 +557,10 @@ class ZOMode:
         return choice
 
     def _on_offer(self, sender: str, message: dict[str, Any]) -> None:
-        if not self._offers_wanted:
-            self.ignored += 1  # an answer that came after the join rule chose
+        if sender not in self._offers_wanted:
+            # An answer after the join rule chose, or from a peer this node did not ask (it
+            # must not become the donor by sending an offer nobody asked for).
+            self.ignored += 1
             return
         try:
             self._offers[sender] = parse_offer(sender, message)
@@ -591,12 +593,14 @@ class ZOMode:
             machine.archive = archive.range
 
     async def _serve_archive(self, event: ServeArchive) -> None:
-        """A want for steps the log in memory dropped: read them from the archive. (In the
-        event loop: 13 ms to read, decode and encode 512 steps, the most per reply, measured.)"""
+        """A want for steps the log in memory dropped: read them from the archive, in a worker
+        thread (13 ms to read and decode 512 steps, the most per reply, measured: a peer's
+        wants, one after another, must not stall the event loop and its record deadlines)."""
         try:
-            if self.archive is None:
+            archive = self.archive
+            if archive is None:
                 raise ArchiveError("this node keeps no archive now")
-            previous, steps = self.archive.read(event.start, event.stop)
+            previous, steps = await trio.to_thread.run_sync(archive.read, event.start, event.stop)
         except (OSError, ArchiveError) as exc:
             log.warning(
                 "ZO archive: cannot serve steps %d..%d: %s", event.start, event.stop - 1, exc

@@ -184,3 +184,40 @@ def test_a_restarted_node_resumes_from_the_snapshot_saved_in_its_home(tmp_path: 
     # A snapshot of another swarm in the home is not used.
     other = _zo_mode(tmp_path / "home", swarm="other")
     assert other.resumed_from is None and state_hash(other.trainer.model) == theta_0
+
+
+def test_an_offer_from_a_peer_not_asked_is_ignored(tmp_path: Path) -> None:
+    mode = _zo_mode(tmp_path / "home")
+    offer = {"t": "zo.offer", "h": 5, "l": 0, "a": [0, 6, mode.genesis]}
+    mode._offers_wanted = {"asked"}
+    mode._on_offer("intruder", offer)  # would otherwise become the replay donor
+    assert "intruder" not in mode._offers and mode.ignored == 1
+    assert not mode._offers_in.is_set()
+    mode._on_offer("asked", offer)
+    assert set(mode._offers) == {"asked"} and mode._offers_in.is_set()
+
+
+def test_archive_wants_are_read_in_a_worker_thread_not_the_event_loop(tmp_path: Path) -> None:
+    import trio
+
+    from protocols.zo_log import ClosedStep, ServeArchive
+
+    mode = _zo_mode(tmp_path / "home")
+    seen: dict[str, Any] = {}
+
+    class Archive:
+        def read(self, start: int, stop: int) -> tuple[bytes, list[Any]]:
+            try:
+                trio.lowlevel.current_task()
+                seen["in_loop"] = True
+            except RuntimeError:
+                seen["in_loop"] = False
+            return bytes(16), [ClosedStep(0, ("p",), (), {}, {}, ())]
+
+    async def send(peer: str, msg: dict[str, Any]) -> None:
+        seen["sent"] = (peer, msg["t"])
+
+    mode.archive = Archive()
+    mode._send = send
+    trio.run(mode._serve_archive, ServeArchive("p", 0, 1, 0))
+    assert seen["in_loop"] is False and seen["sent"] == ("p", "zo.log")
