@@ -32,8 +32,9 @@ def test_fedkseed_replicas_and_their_k_scalars_stay_identical(tmp_path: Path) ->
         assert ka["scalars_digest"] == kb["scalars_digest"]
 
         # A joiner starts from the latest snapshot with zero scalars, as the members restarted
-        # theirs there: its weighted seed choices and its replicas match theirs.
-        c = spawn("c", *args, join=a).wait_ready()
+        # theirs there: its weighted seed choices and its replicas match theirs. (Replay from
+        # theta_0, which a joiner holding it takes by default, is tested in test_zo.py.)
+        c = spawn("c", *args, "--zo-replay-join-max-steps", "0", join=a).wait_ready()
         wait_until(lambda: (training(c).get("join") or {}).get("done"), 90, "c to join")
         join = training(c)["join"]
         assert join["snapshot_step"] >= 60 and join["snapshot_bytes"] > 0
