@@ -28,28 +28,55 @@ def run_ring(
     compression: Compression = Compression.NONE,
     chunk_elems: int = 5,
     ring: list[str] | None = None,
+    ahead: int = 0,
+    scratch_counts: list[int] | None = None,
 ) -> dict[str, RingReduction]:
-    """Deliver every frame, each link FIFO, checking each arrives in ``expected()`` order."""
+    """Deliver every frame, each link FIFO, checking each arrives in ``expected()`` order.
+
+    With ``ahead``, each member posts up to that many receives before their frames are used,
+    each into the frame's ``landing``, as the driver does (members work on a copy of their
+    input then); ``scratch_counts`` gets the scratch buffers each member holds at each turn."""
     order = ring or sorted(inputs)
     total = next(iter(inputs.values())).numel()
     plan = plan_ring(order, total, chunk_elems)
     members = {
-        p: RingReduction(plan, p, inputs[p].clone(), weights, compression, "r0.a1") for p in order
+        p: RingReduction(plan, p, [inputs[p]], weights, compression, "r0.a1", copy=True)
+        if ahead
+        else RingReduction(plan, p, inputs[p].clone(), weights, compression, "r0.a1")
+        for p in order
     }
     links: dict[str, deque] = {p: deque() for p in order}  # keyed by receiver
     expected = {p: deque(m.expected()) for p, m in members.items()}
+    posted: dict[str, deque] = {p: deque() for p in order}
+
+    def post(p: str) -> None:
+        while ahead and expected[p] and len(posted[p]) < ahead:
+            sender, tag = expected[p].popleft()
+            posted[p].append((sender, tag, members[p].landing(tag)))
+
     for p in order:
         links[members[p].successor].extend(members[p].start())
     progress = True
     while progress:
         progress = False
         for p in order:
+            m = members[p]
+            post(p)
+            if scratch_counts is not None:
+                scratch_counts.append(sum(1 for _, s in m._landings.values() if s is not None))
             while links[p]:
                 frame = links[p].popleft()
-                sender, tag = expected[p].popleft()
-                assert (sender, tag) == (members[p].predecessor, frame.tag)
-                out = members[p].on_frame(frame.tag, frame.data)
-                links[members[p].successor].extend(out)
+                data = frame.data
+                if ahead:
+                    sender, tag, view = posted[p].popleft()
+                    assert view is not None
+                    view[:] = bytes(frame.data)  # the transport lands the bytes
+                    data = view
+                    post(p)
+                else:
+                    sender, tag = expected[p].popleft()
+                assert (sender, tag) == (m.predecessor, frame.tag)
+                links[m.successor].extend(m.on_frame(frame.tag, data))
                 progress = True
     assert all(m.done for m in members.values())
     return members
@@ -279,52 +306,13 @@ def test_an_uncompressed_frame_is_the_raw_float32_bytes_of_the_weighted_slice() 
     assert bytes(frames[0].data) == (x[a0:b0] * 2).numpy().tobytes()
 
 
-def run_ring_landed(
-    inputs: dict[str, torch.Tensor], weights: dict[str, float], chunk_elems: int, ahead: int
-) -> tuple[dict[str, RingReduction], int]:
-    """Like run_ring, but every frame is received into its ``landing`` up to ``ahead``
-    frames before it is used, as the driver does; returns the most scratch buffers alive."""
-    order = sorted(inputs)
-    plan = plan_ring(order, next(iter(inputs.values())).numel(), chunk_elems)
-    members = {
-        p: RingReduction(plan, p, [inputs[p]], weights, "none", "r0.a1", copy=True) for p in order
-    }
-    links: dict[str, deque] = {p: deque() for p in order}
-    posted: dict[str, deque] = {p: deque() for p in order}
-    expected = {p: deque(m.expected()) for p, m in members.items()}
-    for p in order:
-        links[members[p].successor].extend(members[p].start())
-    most_scratch = 0
-    progress = True
-    while progress:
-        progress = False
-        for p in order:
-            m = members[p]
-            while expected[p] and len(posted[p]) < ahead:
-                _, tag = expected[p].popleft()
-                posted[p].append((tag, m.landing(tag)))
-            most_scratch = max(
-                most_scratch, sum(1 for _, s in m._landings.values() if s is not None)
-            )
-            while links[p]:
-                frame = links[p].popleft()
-                tag, view = posted[p].popleft()
-                assert frame.tag == tag and view is not None
-                view[:] = bytes(frame.data)  # the transport lands the bytes
-                links[m.successor].extend(m.on_frame(tag, view))
-                progress = True
-                if expected[p]:
-                    _, tag = expected[p].popleft()
-                    posted[p].append((tag, m.landing(tag)))
-    assert all(m.done for m in members.values())
-    return members, most_scratch
-
-
 def test_frames_received_into_their_landing_give_the_same_bits_with_bounded_scratch() -> None:
     inputs = make_inputs(4, 103)
     weights = {"peer0": 1.0, "peer1": 2.5, "peer2": 0.5, "peer3": 3.0}
     reference = run_ring(inputs, weights, chunk_elems=7)
-    landed, most_scratch = run_ring_landed(inputs, weights, chunk_elems=7, ahead=3)
+    scratch_counts: list[int] = []
+    landed = run_ring(inputs, weights, chunk_elems=7, ahead=3, scratch_counts=scratch_counts)
+    most_scratch = max(scratch_counts)
     for p in inputs:
         assert torch.equal(landed[p].buffer, reference[p].buffer)
         assert landed[p].result_hash() == reference[p].result_hash()
