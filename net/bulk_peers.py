@@ -64,7 +64,11 @@ class Libp2pByteStream:
         self.stream = stream
 
     async def send_all(self, data: memoryview) -> None:
-        await self.stream.write(bytes(data))
+        try:
+            await self.stream.write(bytes(data))
+        except Exception as exc:  # reset, closed, or its connection gone: libp2p's own types
+            reason = f"libp2p stream write failed: {exc_reason(exc)}"
+            raise trio.BrokenResourceError(reason) from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         try:

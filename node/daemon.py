@@ -149,14 +149,16 @@ class Node:
             ),
         )
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
+        listening = False
         try:
             async with host.run(listen_addrs=listen):
+                listening = True
                 await self._run_services()
-        except OSError as exc:
-            raise StartupError(self._listen_failure(exc)) from None
         except Exception as exc:
-            if _mentions_bind_failure(exc):
+            if not listening and _mentions_bind_failure(exc):
                 raise StartupError(self._listen_failure(exc)) from None
+            if listening:
+                log.exception("node stopped by an error it did not handle")
             raise
 
     def _listen_failure(self, exc: BaseException) -> str:

@@ -1027,3 +1027,31 @@ async def test_a_discard_predicate_that_raises_is_refused_or_forgotten(
 def test_settings_refuse_zero_discard_rules() -> None:
     with pytest.raises(ValueError, match="max_discard_rules"):
         BulkSettings(max_discard_rules=0)
+
+
+class _ResetLibp2pStream:
+    """A libp2p stream whose peer went away: writes raise libp2p's own error type."""
+
+    async def write(self, data: bytes) -> None:
+        from libp2p.network.stream.exceptions import StreamError
+
+        raise StreamError("Write operation failed: ")
+
+    async def read(self, n: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def reset(self) -> None:
+        pass
+
+
+async def test_libp2p_stream_write_failure_fails_the_channel_with_a_bulk_error() -> None:
+    # Before, libp2p's StreamError escaped bulk's send and ended the daemon (CI, stop 12).
+    from net.bulk_peers import Libp2pByteStream
+
+    stream = Libp2pByteStream(_ResetLibp2pStream())  # type: ignore[arg-type]
+    sender = stream_channel(stream, stream_keys(), is_listener=False, settings=small_settings())
+    async with sender.running():
+        with pytest.raises(BulkClosedError, match="libp2p stream write failed: StreamError"):
+            await sender.send(1, bytes(1000))
+    assert isinstance(sender.failure, BulkClosedError)
