@@ -67,7 +67,10 @@ class AllReduceSettings:
     attempt_timeout_s: float = 300.0  # data phase plus Done collection
     max_attempts: int = 8
     join_requests: int = 3  # a joiner gives up after this many unanswered requests
-    chunk_elems: int = 1 << 18  # sub-chunk of the ring pipeline (1 MiB of float32)
+    # Sub-chunk of the ring pipeline: 4 MiB of float32. Each frame costs the runner and the
+    # bulk channel a fixed share of Python; 1 MiB frames made 256 MiB calls 0.4 s slower
+    # (2.66 -> 2.24 s, 4 ranks on 2 cores) and 8 MiB gained nothing more.
+    chunk_elems: int = 1 << 20
     max_chunk_elems: int = 1 << 26
     max_group_size: int = 256
     max_peer_id_chars: int = 128

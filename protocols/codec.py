@@ -13,9 +13,11 @@ receiver expects (codec, element count, byte size) and rejects NaN/Inf before a 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import blake3
 import msgpack
 import torch
+import xxhash
 
 HEADER_LENGTH = struct.Struct(">H")
 MAX_HEADER_BYTES = 512
@@ -207,6 +210,26 @@ def _uint8_scale(low: float, high: float) -> torch.Tensor:
     return scale if float(scale) > 0 else torch.tensor(1.0, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops in this block on ``n`` threads, then restore the previous count.
+
+    With torch's OpenMP backend the count belongs to the calling thread, so other threads
+    (a training loop) keep theirs. It matters for the ring's many mid-sized ops (a 1 MiB
+    frame is 8 of torch's parallel grains): after each parallel op the OpenMP workers spin
+    waiting for the next one, and 256 frames of add + sum took 0.245 CPU-s on 2 threads
+    against 0.065 on 1, at equal wall time (2-core machine, torch 2.13)."""
+    previous = torch.get_num_threads()
+    if previous == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or Inf.
 
@@ -224,14 +247,27 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def hash_tensor(tensor: torch.Tensor) -> str:
     """BLAKE3, 128-bit output (hex), over dtype, shape and the contiguous bytes: equal exactly
     when bits are. Cryptographic like the blake2b it replaced (a peer cannot craft a colliding
-    tensor), ~5x faster here, and it reads the tensor in place instead of a copy of its bytes."""
-    digest = blake3.blake3(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
+    tensor), so it is the hash that peers' claims are judged by (the shared-state vote)."""
+    return _tensor_digest(blake3.blake3(), tensor)
+
+
+def parity_hash(tensor: torch.Tensor) -> str:
+    """XXH3, 128-bit (hex), over the same bytes as ``hash_tensor``: the check that honest
+    members of a round hold the same bits. Not cryptographic, and it need not be: a member
+    that lies can report any hash, and nothing is fetched or trusted on its strength. Seven
+    times faster than BLAKE3 here (256 MiB: 23 ms against 164 ms), and every member hashes
+    its whole result every round."""
+    return _tensor_digest(xxhash.xxh3_128(), tensor)
+
+
+def _tensor_digest(digest: Any, tensor: torch.Tensor) -> str:
+    digest.update(f"{tensor.dtype}|{list(tensor.shape)}|".encode())
     tensor = tensor.detach().cpu().contiguous()
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes:
+    if nbytes:  # the tensor's memory in place, not a copy of its bytes
         raw = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
         digest.update(memoryview(raw).cast("B"))
-    return digest.hexdigest(length=16)
+    return str(digest.hexdigest()[:32])
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

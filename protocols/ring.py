@@ -39,8 +39,8 @@ from protocols.codec import (
     all_finite,
     decode,
     encode,
-    hash_tensor,
     pack_frame,
+    parity_hash,
     roundtrip,
     unpack_frame,
 )
@@ -67,8 +67,17 @@ class RingPlan:
 
     def chunks(self, segment: int) -> list[tuple[int, int]]:
         """(start, stop) element ranges of the sub-chunks of ``segment``."""
+        return [self.chunk(segment, j) for j in range(self.chunk_count(segment))]
+
+    def chunk_count(self, segment: int) -> int:
         start, stop = self.segments[segment]
-        return [(a, min(a + self.chunk_elems, stop)) for a in range(start, stop, self.chunk_elems)]
+        return -(-(stop - start) // self.chunk_elems)
+
+    def chunk(self, segment: int, j: int) -> tuple[int, int]:
+        """(start, stop) of sub-chunk ``j`` of ``segment`` (per frame: no list built)."""
+        start, stop = self.segments[segment]
+        a = start + j * self.chunk_elems
+        return a, min(a + self.chunk_elems, stop)
 
 
 def plan_ring(ring: Sequence[str], total_elems: int, chunk_elems: int) -> RingPlan:
@@ -193,12 +202,12 @@ class RingReduction:
         # Reduce-scatter: step k brings segment p-k-2 from the predecessor (the last is ours).
         for step in range(n - 1):
             segment = (p - step - 2) % n
-            for j in range(len(self.plan.chunks(segment))):
+            for j in range(self.plan.chunk_count(segment)):
                 order.append((self.tag("rs", segment, j), ("rs", segment, j)))
         # All-gather: the predecessor's own segment first, then the ones it forwards.
         for step in range(n - 1):
             segment = (p - 1 - step) % n
-            for j in range(len(self.plan.chunks(segment))):
+            for j in range(self.plan.chunk_count(segment)):
                 order.append((self.tag("ag", segment, j), ("ag", segment, j)))
         return order
 
@@ -226,7 +235,7 @@ class RingReduction:
         if key is None or not self.raw or tag in self._landings:
             return None
         phase, segment, j = key
-        a, b = self.plan.chunks(segment)[j]
+        a, b = self.plan.chunk(segment, j)
         if phase == "ag":
             view = self._view(a, b)
             self._landings[tag] = (view, None)
@@ -296,7 +305,7 @@ class RingReduction:
         frame: bytes | bytearray | memoryview,
         landed: tuple[memoryview, torch.Tensor | None] | None,
     ) -> list[OutgoingFrame]:
-        a, b = self.plan.chunks(segment)[j]
+        a, b = self.plan.chunk(segment, j)
         size = memoryview(frame).nbytes
         if size != 4 * (b - a):
             raise ChunkSizeError(
@@ -336,7 +345,7 @@ class RingReduction:
     def _on_encoded(
         self, tag: str, phase: str, segment: int, j: int, frame: bytes | bytearray | memoryview
     ) -> list[OutgoingFrame]:
-        a, b = self.plan.chunks(segment)[j]
+        a, b = self.plan.chunk(segment, j)
         chunk = unpack_frame(frame)
         # A reduce-scatter frame is checked through its sum with our finite slice (NaN/Inf
         # in the frame make the sum NaN/Inf), so the frame itself is not scanned first.
@@ -378,7 +387,7 @@ class RingReduction:
         """Hash of the reduced buffer's bytes; equal on every member exactly when bits are."""
         if not self.done:
             raise RingError("result_hash before the all-reduce finished")
-        return hash_tensor(self.buffer)
+        return parity_hash(self.buffer)
 
 
 # -- working buffers ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from node.collective import expected_mean
-from protocols.codec import hash_tensor
+from protocols.codec import parity_hash
 from tests.daemons import Daemon, check_workload_args, swarm_of, wait_until
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def check_survivors_finish_exactly(survivors: list[Daemon], interrupted: int) ->
     assert [sorted(e["members"]) for e in entries] == [ids] * len(survivors)
     # bit parity: one hash everywhere, and it is the exact weighted mean of the survivors
     assert len({e["hash"] for e in entries}) == 1
-    assert entries[0]["hash"] == hash_tensor(expected_mean(ids, interrupted, ELEMS))
+    assert entries[0]["hash"] == parity_hash(expected_mean(ids, interrupted, ELEMS))
     # every survivor saw exactly one abort in the round the kill interrupted
     assert [e["aborts"] for e in entries] == [1] * len(survivors), entries
 
@@ -147,7 +147,7 @@ def test_joiner_is_admitted_between_rounds_and_receives_the_shared_state(tmp_pat
             print(d.peer_id[-6:], d.status()["allreduce"]["state"], history(d)[-6:])
         assert len({e["hash"] for e in entries}) == 1
         assert len({e["state"] for e in entries}) == 1  # same shared state after the round
-        assert entries[0]["hash"] == hash_tensor(expected_mean(everyone, first, ELEMS))
+        assert entries[0]["hash"] == parity_hash(expected_mean(everyone, first, ELEMS))
 
 
 def test_a_member_contributing_nan_is_left_out_and_nothing_hangs(tmp_path: Path) -> None:

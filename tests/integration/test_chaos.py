@@ -27,7 +27,7 @@ import pytest
 
 from node.collective import expected_mean
 from node.control import ControlError, DaemonNotRunning
-from protocols.codec import hash_tensor
+from protocols.codec import parity_hash
 from tests.daemons import Daemon, check_workload_args, swarm_of
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def check_parity(chaos: Chaos) -> int:
         hashes = {result for _, result, _ in reported.values()}
         assert len(hashes) == 1, f"round {r}: result hashes differ between members: {reported}"
         (members,) = member_lists
-        expected = hash_tensor(expected_mean(list(members), r, ELEMS))
+        expected = parity_hash(expected_mean(list(members), r, ELEMS))
         assert hashes == {expected}, f"round {r} is not the exact weighted mean of {members}"
         states = {state for _, _, state in reported.values() if state is not None}
         assert len(states) <= 1, f"round {r}: shared state differs after the round: {reported}"

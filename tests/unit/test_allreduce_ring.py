@@ -1,6 +1,7 @@
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from protocols.codec import (
     Compression,
     NonFiniteError,
     hash_tensor,
+    parity_hash,
 )
 from protocols.ring import (
     RingError,
@@ -236,14 +238,17 @@ def test_bad_arguments_are_refused() -> None:
         plan_ring(["a", "a"], 4, 2)
 
 
-def test_result_hash_covers_bytes_dtype_and_shape() -> None:
+@pytest.mark.parametrize("digest", [hash_tensor, parity_hash])
+def test_tensor_hashes_cover_bytes_dtype_and_shape(digest: Callable[[torch.Tensor], str]) -> None:
     x = torch.arange(4.0)
-    assert hash_tensor(x) == hash_tensor(x.clone())
-    assert hash_tensor(x) != hash_tensor(x.reshape(2, 2))
-    assert hash_tensor(x) != hash_tensor(x.double())
+    assert digest(x) == digest(x.clone())
+    assert digest(x) != digest(x.reshape(2, 2))
+    assert digest(x) != digest(x.double())
     y = x.clone()
     y[0] = -0.0  # same value, different bits
-    assert hash_tensor(x) != hash_tensor(y)
+    assert digest(x) != digest(y)
+    assert digest(x[::2]) == digest(x[::2].contiguous())
+    assert len(digest(x)) == 32
 
 
 def test_flatten_and_unflatten_roundtrip_mixed_shapes() -> None:
