@@ -16,7 +16,10 @@ Both all-reduces are timed the same way: the parent releases all ranks at once, 
 its own call, a rep counts its slowest rank; per size the best of ``--reps`` is reported (and
 the median). Bus bandwidth = 2(n-1)/n x bytes / time (nccl-tests' definition), MB = 10**6 B.
 Each rank's CPU time per call (all its threads) is reported too: on a shared machine it varies
-less with other load than wall-clock time. The last stdout line is one JSON object.
+less with other load than wall-clock time. ``aead_cpu_s_per_rank`` is what sealing and opening
+one rank's ring traffic at the largest size costs here (one thread, the bulk channel's cipher),
+and ``ratio_cap_cpu_bound`` = gloo's CPU / (gloo's CPU + that): the best ratio a host with fewer
+cores than ranks allows an all-reduce that encrypts. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 from bench_bulk import run_mode  # noqa: E402  (the bulk channel vs raw TCP, one pair)
 
-from net.bulk_frames import CIPHER_AES_GCM  # noqa: E402
+from net.bulk_frames import CIPHER_AES_GCM, FrameCipher  # noqa: E402
 
 MiB = 1 << 20
 WORLD = 4
@@ -58,6 +61,20 @@ FAST = {
 
 def busbw_mbps(nbytes: int, seconds: float, n: int = WORLD) -> float:
     return 2 * (n - 1) / n * nbytes / seconds / 1e6
+
+
+def aead_cpu_s(nbytes: int, n: int = WORLD, chunk: int = MiB) -> float:
+    """CPU-s one rank spends sealing and opening its ring traffic for an ``nbytes`` buffer
+    (2(n-1)/n x nbytes each way) with the bulk channel's cipher, here, in one thread."""
+    moved = 2 * (n - 1) * nbytes // n
+    sealer, opener = (FrameCipher(CIPHER_AES_GCM, bytes(32)) for _ in range(2))
+    plain, sealed = bytearray(chunk), bytearray(chunk + 16)
+    header = memoryview(bytes(45))
+    t0 = time.process_time()
+    for _ in range(moved // chunk):
+        sealer.seal_into(header, memoryview(plain), memoryview(sealed))
+        opener.open_into(header, memoryview(sealed), memoryview(plain))
+    return time.process_time() - t0
 
 
 def _tensor(rank: int, mib: int) -> Any:
@@ -377,6 +394,17 @@ def main() -> None:
             summary["ratio_by_size"] = {
                 m: round(shoal[m]["busbw_mbps"] / gloo[m]["busbw_mbps"], 3) for m in sizes
             }
+            # On a host with fewer cores than ranks both all-reduces are CPU-bound, so shoal
+            # is at best as fast as gloo's CPU plus the AEAD that gloo does not do.
+            aead = aead_cpu_s(top * MiB)
+            gloo_cpu = gloo[top]["cpu_s_per_rank"]
+            summary["aead_cpu_s_per_rank"] = round(aead, 3)
+            summary["ratio_cap_cpu_bound"] = round(gloo_cpu / (gloo_cpu + aead), 3)
+            print(
+                f"AES-GCM of one rank's traffic at {top} MiB: {aead:.3f} CPU-s; gloo's whole "
+                f"call {gloo_cpu:.3f} CPU-s per rank",
+                flush=True,
+            )
         if "pair" not in skip:
             base = {
                 "transfer_bytes": args.pair_mib * MiB // 4,
