@@ -13,11 +13,9 @@ receiver expects (codec, element count, byte size) and rejects NaN/Inf before a 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -208,26 +206,6 @@ def _uint8_scale(low: float, high: float) -> torch.Tensor:
     # A constant chunk gets scale 1 so every code decodes to exactly ``low``.
     scale = torch.tensor((high - low) / 255.0, dtype=torch.float32)
     return scale if float(scale) > 0 else torch.tensor(1.0, dtype=torch.float32)
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Run torch's CPU ops in this block on ``n`` threads, then restore the previous count.
-
-    With torch's OpenMP backend the count belongs to the calling thread, so other threads
-    (a training loop) keep theirs. It matters for the ring's many mid-sized ops (a 1 MiB
-    frame is 8 of torch's parallel grains): after each parallel op the OpenMP workers spin
-    waiting for the next one, and 256 frames of add + sum took 0.245 CPU-s on 2 threads
-    against 0.065 on 1, at equal wall time (2-core machine, torch 2.13)."""
-    previous = torch.get_num_threads()
-    if previous == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -46,7 +46,7 @@ from protocols.allreduce import (
     UsageError,
     transfer_tag_prefix,
 )
-from protocols.codec import CodecError, Compression, intra_op_threads
+from protocols.codec import CodecError, Compression
 from protocols.ring import RingError, RingReduction, plan_ring, unflatten_into
 from protocols.shared_state import (
     SharedState,
@@ -106,16 +106,10 @@ class RunnerSettings:
     # (see RingReduction.landing): a frame that arrives before its receive is posted costs the
     # bulk channel a buffer and one more copy. Each costs a sub-chunk of scratch at most.
     receive_ahead_frames: int = 4
-    # torch threads for the ring's tensor math, in the thread that does it (see
-    # codec.intra_op_threads): more only pays when cores are idle, and they seldom are while
-    # frames stream in.
-    math_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.io_timeout_s <= 0 or self.receive_ahead_frames < 1 or self.math_threads < 1:
-            raise ValueError(
-                "io_timeout_s must be positive, receive_ahead_frames and math_threads >= 1"
-            )
+        if self.io_timeout_s <= 0 or self.receive_ahead_frames < 1:
+            raise ValueError("io_timeout_s must be positive and receive_ahead_frames >= 1")
 
 
 @dataclass(frozen=True)
@@ -260,12 +254,8 @@ class RoundRunner:
     async def _heavy(self, elems: int, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)``: in a worker thread for at least ``thread_min_elems`` elements."""
         if elems >= self.settings.thread_min_elems:
-            return await trio.to_thread.run_sync(self._math, fn, *args)
-        return self._math(fn, *args)
-
-    def _math(self, fn: Callable[..., _T], *args: Any) -> _T:
-        with intra_op_threads(self.settings.math_threads):
-            return fn(*args)
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -430,7 +420,7 @@ class RoundRunner:
             with trio.fail_after(self.settings.io_timeout_s):
                 await ready[i].wait()
             data, arrived[i] = arrived[i], None
-            for frame in self._math(ring.on_frame, tag, data):
+            for frame in ring.on_frame(tag, data):
                 outgoing.send_nowait(frame)
 
     async def _send_frames(self, frames: trio.MemoryReceiveChannel[Any]) -> None:

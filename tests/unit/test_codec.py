@@ -13,7 +13,6 @@ from protocols.codec import (
     all_finite,
     decode,
     encode,
-    intra_op_threads,
     pack_frame,
     roundtrip,
     unpack_frame,
@@ -173,14 +172,3 @@ def test_a_received_bytearray_frame_is_decoded_without_copying_its_payload() -> 
     assert torch.equal(values, x)
     # a read-only frame (bytes) still decodes, through one copy
     assert torch.equal(decode(unpack_frame(bytes(frame)), 64, Compression.NONE), x)
-
-
-def test_intra_op_threads_sets_the_count_for_the_block_and_restores_it() -> None:
-    before = torch.get_num_threads()
-    other = 2 if before == 1 else 1
-    with intra_op_threads(other):
-        assert torch.get_num_threads() == other
-    assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError, match="inside"), intra_op_threads(other):
-        raise RuntimeError("inside")
-    assert torch.get_num_threads() == before
