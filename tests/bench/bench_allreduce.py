@@ -340,6 +340,8 @@ def run_recovery(tmp: Path) -> dict[str, Any]:
         entries = [completed(d)[interrupted] for d in survivors]
         done_at = max(e["ended_at"] for e in entries)
         reasons = sorted({r for e in entries for r in e["abort_reasons"]})
+        if not reasons:  # the victim had finished the round: no recovery to time
+            raise RuntimeError(f"round {interrupted} completed without an abort: the kill missed")
         # A loss seen as a reset bulk connection or control link is detected at once; only an
         # abort that came from a timeout waited for it.
         waited = [float(m) for r in reasons for m in re.findall(r"_timeout_s=([\d.]+)", r)]

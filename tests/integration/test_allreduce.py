@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +52,24 @@ def start_group(spawn: Any, n: int) -> list[Daemon]:
 
 
 def kill_mid_transfer(victim: Daemon) -> int:
-    """SIGKILL ``victim`` while its bulk bytes are moving; return the round it was in."""
+    """SIGKILL ``victim`` just after its first ring bytes of a round arrive; return the round.
+
+    Only a round whose start was seen counts: its bytes received at that moment are the
+    baseline, so the kill lands within one status poll of the data phase's start, long before
+    the victim can have reported Done. (Watching for bytes to move between two polls could
+    catch the last frames of a round and kill a member that had already finished it.)
+    """
     state: dict[str, int] = {}
 
-    def moving() -> bool:
-        before = victim.status()["allreduce"]
-        time.sleep(0.02)
-        after = victim.status()["allreduce"]
-        state["round"] = after["round"]
-        return bool(
-            after["bytes_sent"] > before["bytes_sent"] and after["round"] == before["round"]
-        )
+    def data_began() -> bool:
+        s = victim.status()["allreduce"]
+        if s["round"] != state.get("round"):
+            state["seen"] = state.get("seen", 0) + 1
+            state["round"], state["base"] = s["round"], s["bytes_received"]
+            return False
+        return state["seen"] > 1 and s["bytes_received"] > state["base"]
 
-    wait_until(moving, 30, "the victim to be sending round data", poll_s=0.0)
+    wait_until(data_began, 30, "the victim to start receiving a round's data", poll_s=0.0)
     victim.kill()
     return state["round"]
 
