@@ -249,6 +249,22 @@ def test_join_request_during_a_round_is_admitted_at_the_next_round() -> None:
     assert g.of("p9", Completed)[0].members == ("p0", "p1", "p2", "p9")
 
 
+def test_a_joiner_admitted_by_a_non_coordinator_asks_the_other_members_too() -> None:
+    # Seen with 5 daemons started together: a joiner whose only contact was p1 was admitted
+    # by it, then the coordinator p0, which had not heard of it, refused its Ready as from an
+    # unknown sender, and it sat out rounds until it gave up and joined again (~12 s).
+    g = Group(peers(2))
+    joiner = AllReduceMember.joiner("p5", "g", ["p1"], SETTINGS)
+    g.add(joiner)
+    g.feed("p5", joiner.request_join(g.now))
+    g.deliver()
+    assert g.of("p5", Admitted)[0].round == 0
+    assert "p5" in g.machines["p0"].pending_joins
+    g.begin_all()
+    assert g.of("p0", StartTransfer)[0].ring == ("p0", "p1", "p5")
+    assert not g.of("p0", Rejected)
+
+
 def test_join_between_rounds_takes_part_in_the_coming_round() -> None:
     g = Group(peers(2))
     joiner = AllReduceMember.joiner("p5", "g", ["p0", "p1"], SETTINGS)
