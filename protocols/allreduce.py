@@ -770,9 +770,8 @@ class AllReduceMember:
         # not the coordinator does not pass its admission on: so tell every member this one
         # did not ask (their acks arrive as duplicates; each starts waiting for this joiner).
         unasked = sorted(set(ack.members) - set(self._contacts) - {self.me})
-        return [Admitted(ack.round, ack.members)] + [
-            self._send(peer, JoinRequest()) for peer in unasked
-        ]
+        events: list[Event] = [Admitted(ack.round, ack.members)]
+        return events + [self._send(peer, JoinRequest()) for peer in unasked]
 
     def _on_ready(self, sender: str, ready: Ready, now: float) -> list[Event]:
         if ready.round == self.round + 1:
