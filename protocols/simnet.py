@@ -475,19 +475,25 @@ class StateSync:
         self.served_bytes = 0
         self.rejected: list[str] = []
         self._waiting_queries: list[tuple[str, int]] = []
-        self._summaries: dict[str, StateSummary] = {}
+        self._summaries: dict[str, StateSummary | None] = {}  # None: the peer abstained
         self._summary_arrived = trio.Event()
+        self._newcomer = False  # fetching a state it does not hold yet: no vote to give
         self._fetch_ids = itertools.count()
         self.last_plan: SyncPlan | None = None  # the vote of the latest sync()
 
     def on_control(self, sender: str, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
         if kind == "ss.query" and _is_count(msg.get("round")):
+            if self._newcomer:  # abstain at once: the asker need not wait summary_timeout_s
+                abstain = {"t": "ss.summary", "summary": None}
+                self.nursery.start_soon(self._send_quietly, sender, abstain)
+                return
             self._waiting_queries.append((sender, msg["round"]))
             self._answer_queries()
         elif kind == "ss.summary":
+            raw = msg.get("summary")
             try:
-                self._summaries[sender] = StateSummary.from_wire(msg.get("summary"))
+                self._summaries[sender] = None if raw is None else StateSummary.from_wire(raw)
             except SharedStateError as exc:
                 self.rejected.append(f"{sender}: {exc.reason}")
                 return
@@ -531,10 +537,19 @@ class StateSync:
     async def sync(self, members: Sequence[str], round: int, newcomer: bool) -> int:
         """Vote with ``members`` and fetch what differs; returns the bytes fetched.
 
-        Summaries that do not arrive within ``summary_timeout_s`` do not vote. Raises
-        SharedStateError (HashMismatchError for a bad tensor; nothing is installed then) or
-        trio.TooSlowError when the donor does not deliver within ``fetch_timeout_s``.
+        Summaries that do not arrive within ``summary_timeout_s`` do not vote. While a
+        newcomer syncs, it answers others' queries with an abstention, so newcomers admitted
+        together do not each wait out the timeout for the others. Raises SharedStateError
+        (HashMismatchError for a bad tensor; nothing is installed then) or trio.TooSlowError
+        when the donor does not deliver within ``fetch_timeout_s``.
         """
+        self._newcomer = newcomer
+        try:
+            return await self._sync(members, round, newcomer)
+        finally:
+            self._newcomer = False
+
+    async def _sync(self, members: Sequence[str], round: int, newcomer: bool) -> int:
         self._summaries = {}
         for peer in members:
             await self._send_quietly(peer, {"t": "ss.query", "round": round})

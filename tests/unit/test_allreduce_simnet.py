@@ -17,7 +17,14 @@ import trio.testing
 from protocols.allreduce import AllReduceSettings, Completed, Skipped, UsageError
 from protocols.codec import Compression, tensor_bytes
 from protocols.shared_state import SharedState
-from protocols.simnet import ControlRule, FaultPlan, RoundResult, RunnerSettings, SimSwarm
+from protocols.simnet import (
+    ControlRule,
+    FaultPlan,
+    RoundResult,
+    RunnerSettings,
+    SimSwarm,
+    StateSyncSettings,
+)
 
 SETTINGS = AllReduceSettings(chunk_elems=16)
 NAMES = ("bias", "weight")
@@ -334,6 +341,40 @@ async def test_joiner_during_a_round_is_admitted_next_round_with_the_shared_stat
     assert log["joiner_state"] == after_round_0
     assert log["fetched"] == 2000 * 4 + 9 * 4
     assert all(swarm.members[p].state_sync.state.bytes_fetched == 0 for p in peers)
+
+
+@pytest.mark.parametrize("round_index", [0, 5])
+async def test_newcomers_syncing_together_abstain_instead_of_answering_for_each_other(
+    autojump_clock: trio.testing.MockClock, round_index: int
+) -> None:
+    # Seen with 5 daemons started together: newcomers admitted at once asked each other for
+    # a summary too. For a later round a newcomer answered only once its own sync was over,
+    # so every sync waited out summary_timeout_s (and the rounds it was admitted for went
+    # by); for round 0 it answered at once with its empty state, and 3 newcomers outvoted the
+    # one member that held the state.
+    held = SharedState({"w": torch.arange(100.0)}, 3)
+    names = ("p7", "p8", "p9")
+    took: dict[str, float] = {}
+    async with trio.open_nursery() as nursery:
+        swarm = SimSwarm(nursery, None, SETTINGS)
+        swarm.start(["p0"], {"p0": held})
+        swarm.members["p0"].state_sync.mark_round(round_index)
+        newcomers = {p: swarm.start_joiner(p, ["p0"]) for p in names}
+
+        async def sync(p: str) -> None:
+            t0 = trio.current_time()
+            await newcomers[p].state_sync.sync(["p0", *names], round_index, True)
+            took[p] = trio.current_time() - t0
+
+        async with trio.open_nursery() as together:
+            for p in names:
+                together.start_soon(sync, p)
+        nursery.cancel_scope.cancel()
+    assert all(t < StateSyncSettings().summary_timeout_s / 2 for t in took.values()), took
+    for m in newcomers.values():
+        assert m.state_sync.state.summary() == held.summary()
+        plan = m.state_sync.last_plan
+        assert plan is not None and plan.holders == ("p0",)  # the newcomers did not vote
 
 
 @pytest.mark.parametrize("seed", range(12))
