@@ -306,12 +306,23 @@ class AllReduceGroup:
         failed (a donor died mid-fetch, nobody answered): the state may then be stale."""
         assert self.sync is not None
         others = [m for m in members if m != self.me]
+        started = trio.current_time()
         try:
-            self.fetched_bytes += await self.sync.sync(others, round_index, newcomer=newcomer)
+            fetched = await self.sync.sync(others, round_index, newcomer=newcomer)
+            self.fetched_bytes += fetched
             synced = True
         except (SharedStateError, trio.TooSlowError, TransportError) as exc:
             log.warning("shared-state sync failed: %s", exc)
             synced = False
+        else:
+            if newcomer or fetched or self.sync.silent:  # not the every-round check that passed
+                log.info(
+                    "shared state synced for round %d in %.2f s: %d bytes fetched; silent: %s",
+                    round_index,
+                    trio.current_time() - started,
+                    fetched,
+                    sorted(self.sync.silent) or "none",
+                )
         self.sync.mark_round(round_index)
         return synced
 

@@ -480,6 +480,7 @@ class StateSync:
         self._newcomer = False  # fetching a state it does not hold yet: no vote to give
         self._fetch_ids = itertools.count()
         self.last_plan: SyncPlan | None = None  # the vote of the latest sync()
+        self.silent: set[str] = set()  # members whose summary the latest sync() waited out
 
     def on_control(self, sender: str, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
@@ -557,6 +558,7 @@ class StateSync:
             while set(members) - set(self._summaries):
                 self._summary_arrived = trio.Event()
                 await self._summary_arrived.wait()
+        self.silent = set(members) - set(self._summaries)  # no summary within the timeout
         summaries: dict[str, StateSummary | None] = dict(self._summaries)
         summaries[self.me] = None if newcomer else self.state.summary()
         self.last_plan = plan_sync(summaries)
