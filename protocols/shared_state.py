@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-# hash_tensor is re-exported: one tensor hash for the all-reduce result and the state vote.
+# hash_tensor is re-exported: the state vote's tensor hash (the all-reduce's parity check uses the
+# faster, non-cryptographic codec.parity_hash).
 from protocols.codec import hash_tensor as hash_tensor
 from protocols.codec import tensor_bytes
 
