@@ -49,7 +49,7 @@ from typing import Any
 from protocols.codec import Compression
 from protocols.ring import order_ring
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Excluded carries the sender's own round ('at')
 
 
 # -- settings and specs -------------------------------------------------------------------------
@@ -206,6 +206,7 @@ class Done:
 class Excluded:
     round: int
     reason: str
+    at: int  # the sender's own round: two or more past ``round`` means the group went on
 
 
 Message = JoinRequest | JoinAck | Ready | Proposal | Accept | Refuse | Go | Abort | Done | Excluded
@@ -252,8 +253,8 @@ def encode_message(group: str, message: Message) -> dict[str, Any]:
             }
         case Done(round=r, attempt=a, result_hash=h, ask=ask):
             return {"t": "ar.done", **base, "round": r, "attempt": a, "hash": h, "ask": ask}
-        case Excluded(round=r, reason=why):
-            return {"t": "ar.excluded", **base, "round": r, "reason": why}
+        case Excluded(round=r, reason=why, at=at):
+            return {"t": "ar.excluded", **base, "round": r, "reason": why, "at": at}
     raise TypeError(f"not an all-reduce message: {message!r}")
 
 
@@ -394,7 +395,9 @@ def decode_message(raw: object, group: str, settings: AllReduceSettings) -> Mess
             raise MessageError("field 'ask' must be a boolean")
         return Done(f.count("round"), f.count("attempt", 1), result_hash, ask)
     if kind == "ar.excluded":
-        return Excluded(f.count("round"), f.text("reason", settings.max_reason_chars))
+        return Excluded(
+            f.count("round"), f.text("reason", settings.max_reason_chars), f.count("at")
+        )
     raise MessageError(f"unknown message type {kind!r}")
 
 
@@ -780,7 +783,8 @@ class AllReduceMember:
         if ready.round < self.round:
             # A member left behind: tell it that round is over so it moves on (and resyncs).
             self.counters.stale += 1
-            return [self._send(sender, Excluded(ready.round, "that round is already over"))]
+            over = Excluded(ready.round, "that round is already over", self.round)
+            return [self._send(sender, over)]
         if ready.round > self.round:
             if sender not in self.view:
                 return self._reject(sender, f"ready for round {ready.round}, this is {self.round}")
@@ -800,11 +804,12 @@ class AllReduceMember:
         if sender in self._proposal.members:
             self.counters.duplicate += 1
             return []
+        # Any member of the attempt answers, not only its proposer: a joiner admitted by a
+        # member that is not the coordinator may know no one else, and unanswered it would
+        # wait out its ready timeout (it may even take itself for the coordinator).
         self.counters.stale += 1
-        if self._proposal.proposer == self.me:
-            reason = f"round {self.round} is under way without you; join the next one"
-            return [self._send(sender, Excluded(self.round, reason))]
-        return []
+        reason = f"round {self.round} is under way without you; join the next one"
+        return [self._send(sender, Excluded(self.round, reason, self.round))]
 
     def _on_proposal(self, sender: str, p: Proposal, now: float) -> list[Event]:
         if p.round < self.round or (p.round, p.attempt) in self._aborted:
@@ -934,6 +939,9 @@ class AllReduceMember:
         return self._check_commit(now)
 
     def _on_excluded(self, sender: str, excluded: Excluded) -> list[Event]:
+        if excluded.at >= self.round + 2 and sender in self.view:
+            # As for a Ready from two rounds on: rounds ran without this member.
+            self.left_behind_at = max(self.left_behind_at or 0, excluded.at)
         if excluded.round != self.round:
             self.counters.stale += 1
             return []
@@ -975,7 +983,8 @@ class AllReduceMember:
         events: list[Event] = self._propose(members, weights, 1, now)
         if self.phase is Phase.ACCEPTED:
             reason = f"not part of round {self.round} (late, or admitted for a later round)"
-            events += [self._send(peer, Excluded(self.round, reason)) for peer in left_out]
+            excluded = Excluded(self.round, reason, self.round)
+            events += [self._send(peer, excluded) for peer in left_out]
         return events
 
     def _propose(

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from protocols.allreduce import (
+    PROTOCOL_VERSION,
     Aborted,
     Admitted,
     AllReduceMember,
@@ -140,7 +141,14 @@ def test_exactly_one_abort_per_attempt_despite_repeated_loss_reports_and_late_ab
     g.kill("p3", reports=3)  # every survivor hears of the loss three times, plus relayed aborts
     for p in g.live():
         assert [(a.round, a.attempt) for a in g.of(p, Aborted)] == [(0, 1)]
-    late = {"t": "ar.abort", "v": 1, "g": "g", "round": 0, "attempt": 1, "reason": "late"}
+    late = {
+        "t": "ar.abort",
+        "v": PROTOCOL_VERSION,
+        "g": "g",
+        "round": 0,
+        "attempt": 1,
+        "reason": "late",
+    }
     late["suspects"] = ["p3"]
     for p in g.live():
         assert g.machines[p].on_message("p1" if p != "p1" else "p0", late, g.now) == []
@@ -174,7 +182,7 @@ def test_stale_messages_from_an_aborted_attempt_or_past_round_are_dropped_and_co
     g.kill("p2")
     m = g.machines["p1"]
     assert m.attempt == 2
-    base = {"v": 1, "g": "g", "round": 0, "attempt": 1}
+    base = {"v": PROTOCOL_VERSION, "g": "g", "round": 0, "attempt": 1}
     stale = [
         {"t": "ar.done", **base, "hash": "h"},
         {"t": "ar.go", **base},
@@ -222,7 +230,14 @@ def test_a_proposal_for_a_later_attempt_counts_as_the_one_abort() -> None:
     g.deliver(keep=lambda s, t, msg: msg["t"] != "ar.abort")
     assert [e.reason for e in g.of("p1", Aborted)] == ["superseded by attempt 2"]
     g.feed("p1", g.machines["p1"].on_peer_lost("p2", g.now))  # the loss report comes late
-    abort = {"t": "ar.abort", "v": 1, "g": "g", "round": 0, "attempt": 1, "reason": "x"}
+    abort = {
+        "t": "ar.abort",
+        "v": PROTOCOL_VERSION,
+        "g": "g",
+        "round": 0,
+        "attempt": 1,
+        "reason": "x",
+    }
     g.feed("p1", g.machines["p1"].on_message("p0", {**abort, "suspects": ["p2"]}, g.now))
     assert len(g.of("p1", Aborted)) == 1
     g.deliver()
@@ -411,7 +426,7 @@ def test_begin_out_of_order_is_a_usage_error() -> None:
 
 GOOD_PROPOSAL = {
     "t": "ar.propose",
-    "v": 1,
+    "v": PROTOCOL_VERSION,
     "g": "g",
     "round": 0,
     "attempt": 1,
@@ -428,7 +443,7 @@ GOOD_PROPOSAL = {
     ("msg", "reason"),
     [
         (["not", "a", "map"], "expected a map"),
-        ({**GOOD_PROPOSAL, "v": 2}, "version"),
+        ({**GOOD_PROPOSAL, "v": PROTOCOL_VERSION + 1}, "version"),
         ({**GOOD_PROPOSAL, "g": "other"}, "group"),
         ({**GOOD_PROPOSAL, "t": "ar.nope"}, "unknown message type"),
         ({k: v for k, v in GOOD_PROPOSAL.items() if k != "round"}, "missing"),
@@ -449,7 +464,7 @@ GOOD_PROPOSAL = {
         (
             {
                 "t": "ar.abort",
-                "v": 1,
+                "v": PROTOCOL_VERSION,
                 "g": "g",
                 "round": 0,
                 "attempt": 1,
@@ -458,8 +473,11 @@ GOOD_PROPOSAL = {
             },
             "exceeds",
         ),
-        ({"t": "ar.done", "v": 1, "g": "g", "round": 0, "attempt": 1, "hash": 7}, "string"),
-        ({"t": "ar.ready", "v": 1, "g": "g", "round": 0, "weight": -1.0}, ">= 0"),
+        (
+            {"t": "ar.done", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "attempt": 1, "hash": 7},
+            "string",
+        ),
+        ({"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "weight": -1.0}, ">= 0"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(msg: object, reason: str) -> None:
@@ -541,7 +559,15 @@ def test_done_asks_do_not_ping_pong_between_completed_members() -> None:
     g = Group(peers(2))
     g.begin_all()
     g.finish_transfers()
-    ask = {"t": "ar.done", "v": 1, "g": "g", "round": 0, "attempt": 1, "hash": "h", "ask": True}
+    ask = {
+        "t": "ar.done",
+        "v": PROTOCOL_VERSION,
+        "g": "g",
+        "round": 0,
+        "attempt": 1,
+        "hash": "h",
+        "ask": True,
+    }
     (reply,) = g.machines["p1"].on_message("p0", ask, g.now)
     assert isinstance(reply, Send) and reply.msg["ask"] is False
     assert g.machines["p0"].on_message("p1", reply.msg, g.now) == []
@@ -552,7 +578,14 @@ def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
     g.begin_all(["p0", "p1"])
     g.tick(SETTINGS.ready_timeout_s)  # p2 never got ready: the attempt is p0 + p1
     assert g.of("p1", StartTransfer)[-1].ring == ("p0", "p1")
-    abort = {"t": "ar.abort", "v": 1, "g": "g", "round": 0, "attempt": 1, "reason": "rival"}
+    abort = {
+        "t": "ar.abort",
+        "v": PROTOCOL_VERSION,
+        "g": "g",
+        "round": 0,
+        "attempt": 1,
+        "reason": "rival",
+    }
     assert g.machines["p1"].on_message("p2", {**abort, "suspects": ["p0"]}, g.now) == []
     assert g.machines["p1"].phase is Phase.TRANSFER
 
@@ -560,7 +593,7 @@ def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
 def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
     g = Group(peers(3))
     m = g.machines["p2"]
-    ready = {"t": "ar.ready", "v": 1, "g": "g", "weight": 1.0}
+    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "weight": 1.0}
     # one round ahead is normal (a fast member begins the next round): kept, not a skip
     assert m.on_message("p0", {**ready, "round": 1}, g.now) == []
     assert m.left_behind_at is None
@@ -580,6 +613,49 @@ def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
     assert isinstance(rejected, Rejected) and outsider.left_behind_at is None
 
 
+def test_a_member_of_an_attempt_answers_a_ready_from_outside_it_whoever_proposed() -> None:
+    # Seen with 5 daemons started together: p4 admitted joiner p3 while p2 was still a joiner
+    # there, so its ack named only p4. p3, the lowest id it knew, took itself for the
+    # coordinator; its Ready reached only p4, in an attempt p2 had proposed, which said
+    # nothing: p3 waited out ready_timeout_s (10 s) before it moved on.
+    g = Group(["p2", "p4"])
+    joiner = AllReduceMember.joiner("p3", "g", ["p4"], SETTINGS)
+    joiner.request_join(g.now)
+    g.machines["p4"].on_message("p3", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
+    g.begin_all()
+    assert g.machines["p4"].phase is Phase.TRANSFER
+    assert g.of("p4", StartTransfer)[-1].ring == ("p2", "p4")
+    ack = {"t": "ar.join_ack", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "members": ["p4"]}
+    [admitted] = joiner.on_message("p4", ack, g.now)
+    assert isinstance(admitted, Admitted) and joiner.coordinator == "p3"
+    [ready] = joiner.begin(g.now, 1.0, SPEC)
+    assert isinstance(ready, Send) and ready.to == "p4"
+    [answer] = g.machines["p4"].on_message("p3", ready.msg, g.now)
+    assert isinstance(answer, Send) and answer.to == "p3" and "under way" in answer.msg["reason"]
+    [skipped] = joiner.on_message("p4", answer.msg, g.now)
+    assert isinstance(skipped, Skipped) and "under way" in skipped.reason
+    assert joiner.round == 1 and joiner.left_behind_at is None  # one round on: it may catch up
+
+
+def test_an_excluded_from_two_rounds_on_says_the_member_was_left_behind() -> None:
+    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "weight": 1.0}
+    for ahead, left_behind in ((1, None), (2, 2), (7, 7)):
+        member = AllReduceMember("p3", "g", ["p3", "p4"], SETTINGS)
+        other = AllReduceMember("p4", "g", ["p3", "p4"], SETTINGS, first_round=ahead)
+        [over] = other.on_message("p3", ready, 0.0)
+        assert isinstance(over, Send) and over.msg["at"] == ahead
+        member.begin(0.0, 1.0, SPEC)
+        [skipped] = member.on_message("p4", over.msg, 0.0)
+        assert isinstance(skipped, Skipped) and "already over" in skipped.reason
+        assert member.left_behind_at == left_behind, ahead
+    # a peer outside the view is no evidence
+    outsider = AllReduceMember("q", "g", ["q", "p4"], SETTINGS)
+    outsider.view.discard("p4")
+    outsider.pending_joins["p4"] = 0
+    outsider.on_message("p4", {**over.msg}, 0.0)
+    assert outsider.left_behind_at is None
+
+
 def test_a_founder_alone_with_its_own_joiners_is_not_left_out() -> None:
     # A founder skipping rounds alone ("fewer than two members") while its just-admitted
     # joiners still fetch the shared state (longer than join_timeout_s on a loaded machine)
@@ -587,7 +663,7 @@ def test_a_founder_alone_with_its_own_joiners_is_not_left_out() -> None:
     # the joiners were left with a founder that was gone.
     founder = AllReduceMember("p0", "g", ["p0"], SETTINGS)
     for joiner in ("p1", "p2"):
-        [ack] = founder.on_message(joiner, {"t": "ar.join", "v": 1, "g": "g"}, 0.0)
+        [ack] = founder.on_message(joiner, {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, 0.0)
         assert isinstance(ack, Send) and ack.msg["t"] == "ar.join_ack"
     assert founder.begin(0.0, 1.0, SPEC) == []  # it waits join_timeout_s for its joiners
     [skipped] = founder.on_timeout(SETTINGS.join_timeout_s)
@@ -641,7 +717,7 @@ def test_a_joiner_that_is_not_ready_holds_up_one_round_only() -> None:
     # the joiner is still admitted: a Ready in time makes it part of a round
     g.dead.discard("p5")
     g.finish_transfers()
-    ready = {"t": "ar.ready", "v": 1, "g": "g", "round": 2, "weight": 1.0}
+    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 2, "weight": 1.0}
     g.feed("p0", g.machines["p0"].on_message("p5", ready, g.now))
     proposed: list[list[str]] = []
 
