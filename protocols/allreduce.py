@@ -748,8 +748,13 @@ class AllReduceMember:
         known = self.view | set(self.pending_joins)
         if sender not in known and len(known) >= self.settings.max_group_size:
             return self._reject(sender, f"group is full ({self.settings.max_group_size})")
-        # Admission only between rounds: mid-round, the joiner's first round is the next one.
-        first = self.round if self.phase is Phase.IDLE else self.round + 1
+        # Admission only between rounds: once an attempt is under way, the joiner's first round
+        # is the next one. Gathering Readies is still between rounds (no member is fixed yet),
+        # so a member that began the round and the coordinator that has not give the same
+        # answer: a joiner that heard "next round" first would fetch the state after this round
+        # while the coordinator waited join_timeout_s for it in this one.
+        between = self.phase in (Phase.IDLE, Phase.GATHERING)
+        first = self.round if between else self.round + 1
         if self.pending_joins.get(sender, -1) >= first or sender in self.view - self.lost:
             self.counters.duplicate += 1
         else:
@@ -839,8 +844,12 @@ class AllReduceMember:
         if problem is not None:
             events.append(self._send(sender, Refuse(p.round, p.attempt, problem)))
             return events + self._skip(f"refused the proposal: {problem}")
+        held = sorted(set(self._readies) - set(p.members) - {self.me})
         self._enter_attempt(p)
         self.phase = Phase.ACCEPTED
+        # Readies this member holds from peers the attempt leaves out: their senders may know
+        # no other member (see _on_ready), so tell them now as the proposer does.
+        events += self._left_out(held)
         # The coordinator gets its whole accept timeout to abort first (and name the silent
         # member), so members do not all blame the coordinator at the same instant.
         go_wait = self.settings.accept_timeout_s + self.settings.coordinator_timeout_s
@@ -982,10 +991,14 @@ class AllReduceMember:
         left_out = sorted((live | set(self._readies)) - members - self.lost - {self.me})
         events: list[Event] = self._propose(members, weights, 1, now)
         if self.phase is Phase.ACCEPTED:
-            reason = f"not part of round {self.round} (late, or admitted for a later round)"
-            excluded = Excluded(self.round, reason, self.round)
-            events += [self._send(peer, excluded) for peer in left_out]
+            events += self._left_out(left_out)
         return events
+
+    def _left_out(self, peers: Iterable[str]) -> list[Event]:
+        """Tell ``peers`` that this round's attempt goes on without them."""
+        reason = f"not part of round {self.round} (late, or admitted for a later round)"
+        excluded = Excluded(self.round, reason, self.round)
+        return [self._send(peer, excluded) for peer in peers]
 
     def _propose(
         self, members: set[str], weights: Mapping[str, float], attempt: int, now: float

@@ -291,6 +291,24 @@ def test_join_between_rounds_takes_part_in_the_coming_round() -> None:
     assert g.of("p0", StartTransfer)[0].ring == ("p0", "p1", "p5")
 
 
+def test_members_gathering_and_a_coordinator_not_yet_begun_admit_for_the_same_round() -> None:
+    # Seen as a 5 s (join_timeout_s) newcomer sync: p1 had begun round 0 and admitted the
+    # joiner for round 1, p0 had not begun and admitted it for round 0. The joiner took the
+    # first ack, so it fetched the state after round 0 (members answer that query only once
+    # round 0 is done) while p0 waited join_timeout_s in round 0 for it.
+    g = Group(peers(2))
+    g.feed("p1", g.machines["p1"].begin(g.now, 1.0, SPEC))
+    joiner = AllReduceMember.joiner("p5", "g", ["p1", "p0"], SETTINGS)
+    g.add(joiner)
+    g.feed("p5", joiner.request_join(g.now))
+    g.deliver(keep=lambda sender, to, msg: msg["t"] != "ar.join" or to != "p0")  # p1's first
+    (admitted,) = g.of("p5", Admitted)
+    g.machines["p0"].on_message("p5", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
+    assert admitted.round == g.machines["p0"].pending_joins["p5"] == 0
+    g.begin_all(["p0", "p5"])
+    assert g.of("p0", StartTransfer)[0].ring == ("p0", "p1", "p5")
+
+
 def test_coordinator_waits_join_timeout_for_an_admitted_joiner_then_goes_without_it() -> None:
     g = Group(peers(2))
     joiner = AllReduceMember.joiner("p5", "g", ["p0", "p1"], SETTINGS)
@@ -635,6 +653,24 @@ def test_a_member_of_an_attempt_answers_a_ready_from_outside_it_whoever_proposed
     [skipped] = joiner.on_message("p4", answer.msg, g.now)
     assert isinstance(skipped, Skipped) and "under way" in skipped.reason
     assert joiner.round == 1 and joiner.left_behind_at is None  # one round on: it may catch up
+
+
+def test_a_member_tells_the_peers_whose_ready_it_holds_that_an_attempt_leaves_them_out() -> None:
+    # The same joiner, its Ready early this time: p4 holds it while gathering, p2 (which never
+    # heard of p3) proposes without it, and p4 has to say so when the proposal comes.
+    g = Group(["p2", "p4"])
+    joiner = AllReduceMember.joiner("p3", "g", ["p4"], SETTINGS)
+    joiner.request_join(g.now)
+    g.machines["p4"].on_message("p3", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
+    ack = {"t": "ar.join_ack", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "members": ["p4"]}
+    joiner.on_message("p4", ack, g.now)
+    g.add(joiner)
+    g.begin_all(["p4", "p3"])
+    assert g.machines["p4"].phase is Phase.GATHERING and joiner.phase is Phase.GATHERING
+    g.begin_all(["p2"])
+    assert g.of("p4", StartTransfer)[-1].ring == ("p2", "p4")
+    [skipped] = g.of("p3", Skipped)
+    assert "excluded by p4: not part of round 0" in skipped.reason and joiner.round == 1
 
 
 def test_an_excluded_from_two_rounds_on_says_the_member_was_left_behind() -> None:
