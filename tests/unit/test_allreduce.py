@@ -104,6 +104,11 @@ class Group:
         return [e for e in self.events[peer] if isinstance(e, kind)]
 
 
+def wire(kind: str, **fields: Any) -> dict[str, Any]:
+    """A control message as it travels: ``wire("ready", round=0, weight=1.0)``."""
+    return {"t": f"ar.{kind}", "v": PROTOCOL_VERSION, "g": "g", **fields}
+
+
 def peers(n: int) -> list[str]:
     return [f"p{i}" for i in range(n)]
 
@@ -141,14 +146,7 @@ def test_exactly_one_abort_per_attempt_despite_repeated_loss_reports_and_late_ab
     g.kill("p3", reports=3)  # every survivor hears of the loss three times, plus relayed aborts
     for p in g.live():
         assert [(a.round, a.attempt) for a in g.of(p, Aborted)] == [(0, 1)]
-    late = {
-        "t": "ar.abort",
-        "v": PROTOCOL_VERSION,
-        "g": "g",
-        "round": 0,
-        "attempt": 1,
-        "reason": "late",
-    }
+    late = wire("abort", round=0, attempt=1, reason="late")
     late["suspects"] = ["p3"]
     for p in g.live():
         assert g.machines[p].on_message("p1" if p != "p1" else "p0", late, g.now) == []
@@ -230,14 +228,7 @@ def test_a_proposal_for_a_later_attempt_counts_as_the_one_abort() -> None:
     g.deliver(keep=lambda s, t, msg: msg["t"] != "ar.abort")
     assert [e.reason for e in g.of("p1", Aborted)] == ["superseded by attempt 2"]
     g.feed("p1", g.machines["p1"].on_peer_lost("p2", g.now))  # the loss report comes late
-    abort = {
-        "t": "ar.abort",
-        "v": PROTOCOL_VERSION,
-        "g": "g",
-        "round": 0,
-        "attempt": 1,
-        "reason": "x",
-    }
+    abort = wire("abort", round=0, attempt=1, reason="x")
     g.feed("p1", g.machines["p1"].on_message("p0", {**abort, "suspects": ["p2"]}, g.now))
     assert len(g.of("p1", Aborted)) == 1
     g.deliver()
@@ -303,7 +294,7 @@ def test_members_gathering_and_a_coordinator_not_yet_begun_admit_for_the_same_ro
     g.feed("p5", joiner.request_join(g.now))
     g.deliver(keep=lambda sender, to, msg: msg["t"] != "ar.join" or to != "p0")  # p1's first
     (admitted,) = g.of("p5", Admitted)
-    g.machines["p0"].on_message("p5", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
+    g.machines["p0"].on_message("p5", wire("join"), g.now)
     assert admitted.round == g.machines["p0"].pending_joins["p5"] == 0
     g.begin_all(["p0", "p5"])
     assert g.of("p0", StartTransfer)[0].ring == ("p0", "p1", "p5")
@@ -442,19 +433,17 @@ def test_begin_out_of_order_is_a_usage_error() -> None:
         AllReduceMember("x", "g", ["y"]).begin(0.0, float("nan"), SPEC)
 
 
-GOOD_PROPOSAL = {
-    "t": "ar.propose",
-    "v": PROTOCOL_VERSION,
-    "g": "g",
-    "round": 0,
-    "attempt": 1,
-    "members": ["p0", "p1"],
-    "weights": [1.0, 1.0],
-    "spec": [["w", [4, 3], "torch.float32"]],
-    "codec": "none",
-    "chunk_elems": 16,
-    "proposer": "p0",
-}
+GOOD_PROPOSAL = wire(
+    "propose",
+    round=0,
+    attempt=1,
+    members=["p0", "p1"],
+    weights=[1.0, 1.0],
+    spec=[["w", [4, 3], "torch.float32"]],
+    codec="none",
+    chunk_elems=16,
+    proposer="p0",
+)
 
 
 @pytest.mark.parametrize(
@@ -480,22 +469,14 @@ GOOD_PROPOSAL = {
         ({**GOOD_PROPOSAL, "spec": "w"}, "spec"),
         ({**GOOD_PROPOSAL, "chunk_elems": 0}, "chunk_elems"),
         (
-            {
-                "t": "ar.abort",
-                "v": PROTOCOL_VERSION,
-                "g": "g",
-                "round": 0,
-                "attempt": 1,
-                "reason": "x" * 9999,
-                "suspects": [],
-            },
+            wire("abort", round=0, attempt=1, reason="x" * 9999, suspects=[]),
             "exceeds",
         ),
         (
-            {"t": "ar.done", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "attempt": 1, "hash": 7},
+            wire("done", round=0, attempt=1, hash=7),
             "string",
         ),
-        ({"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "weight": -1.0}, ">= 0"),
+        (wire("ready", round=0, weight=-1.0), ">= 0"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(msg: object, reason: str) -> None:
@@ -577,15 +558,7 @@ def test_done_asks_do_not_ping_pong_between_completed_members() -> None:
     g = Group(peers(2))
     g.begin_all()
     g.finish_transfers()
-    ask = {
-        "t": "ar.done",
-        "v": PROTOCOL_VERSION,
-        "g": "g",
-        "round": 0,
-        "attempt": 1,
-        "hash": "h",
-        "ask": True,
-    }
+    ask = wire("done", round=0, attempt=1, hash="h", ask=True)
     (reply,) = g.machines["p1"].on_message("p0", ask, g.now)
     assert isinstance(reply, Send) and reply.msg["ask"] is False
     assert g.machines["p0"].on_message("p1", reply.msg, g.now) == []
@@ -596,14 +569,7 @@ def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
     g.begin_all(["p0", "p1"])
     g.tick(SETTINGS.ready_timeout_s)  # p2 never got ready: the attempt is p0 + p1
     assert g.of("p1", StartTransfer)[-1].ring == ("p0", "p1")
-    abort = {
-        "t": "ar.abort",
-        "v": PROTOCOL_VERSION,
-        "g": "g",
-        "round": 0,
-        "attempt": 1,
-        "reason": "rival",
-    }
+    abort = wire("abort", round=0, attempt=1, reason="rival")
     assert g.machines["p1"].on_message("p2", {**abort, "suspects": ["p0"]}, g.now) == []
     assert g.machines["p1"].phase is Phase.TRANSFER
 
@@ -611,7 +577,7 @@ def test_abort_from_a_peer_outside_the_attempt_is_ignored() -> None:
 def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
     g = Group(peers(3))
     m = g.machines["p2"]
-    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "weight": 1.0}
+    ready = wire("ready", weight=1.0)
     # one round ahead is normal (a fast member begins the next round): kept, not a skip
     assert m.on_message("p0", {**ready, "round": 1}, g.now) == []
     assert m.left_behind_at is None
@@ -631,21 +597,27 @@ def test_a_member_left_two_rounds_behind_skips_and_says_so() -> None:
     assert isinstance(rejected, Rejected) and outsider.left_behind_at is None
 
 
+def joiner_known_only_to_p4(g: Group) -> AllReduceMember:
+    """Joiner p3, admitted by p4 with an ack that names only p4 (sent while p2 was itself
+    still a joiner there), so p3 takes itself for the coordinator."""
+    joiner = AllReduceMember.joiner("p3", "g", ["p4"], SETTINGS)
+    joiner.request_join(g.now)
+    g.machines["p4"].on_message("p3", wire("join"), g.now)
+    [admitted] = joiner.on_message("p4", wire("join_ack", round=0, members=["p4"]), g.now)
+    assert isinstance(admitted, Admitted) and joiner.coordinator == "p3"
+    return joiner
+
+
 def test_a_member_of_an_attempt_answers_a_ready_from_outside_it_whoever_proposed() -> None:
     # Seen with 5 daemons started together: p4 admitted joiner p3 while p2 was still a joiner
     # there, so its ack named only p4. p3, the lowest id it knew, took itself for the
     # coordinator; its Ready reached only p4, in an attempt p2 had proposed, which said
     # nothing: p3 waited out ready_timeout_s (10 s) before it moved on.
     g = Group(["p2", "p4"])
-    joiner = AllReduceMember.joiner("p3", "g", ["p4"], SETTINGS)
-    joiner.request_join(g.now)
-    g.machines["p4"].on_message("p3", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
+    joiner = joiner_known_only_to_p4(g)
     g.begin_all()
     assert g.machines["p4"].phase is Phase.TRANSFER
     assert g.of("p4", StartTransfer)[-1].ring == ("p2", "p4")
-    ack = {"t": "ar.join_ack", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "members": ["p4"]}
-    [admitted] = joiner.on_message("p4", ack, g.now)
-    assert isinstance(admitted, Admitted) and joiner.coordinator == "p3"
     [ready] = joiner.begin(g.now, 1.0, SPEC)
     assert isinstance(ready, Send) and ready.to == "p4"
     [answer] = g.machines["p4"].on_message("p3", ready.msg, g.now)
@@ -659,11 +631,7 @@ def test_a_member_tells_the_peers_whose_ready_it_holds_that_an_attempt_leaves_th
     # The same joiner, its Ready early this time: p4 holds it while gathering, p2 (which never
     # heard of p3) proposes without it, and p4 has to say so when the proposal comes.
     g = Group(["p2", "p4"])
-    joiner = AllReduceMember.joiner("p3", "g", ["p4"], SETTINGS)
-    joiner.request_join(g.now)
-    g.machines["p4"].on_message("p3", {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, g.now)
-    ack = {"t": "ar.join_ack", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "members": ["p4"]}
-    joiner.on_message("p4", ack, g.now)
+    joiner = joiner_known_only_to_p4(g)
     g.add(joiner)
     g.begin_all(["p4", "p3"])
     assert g.machines["p4"].phase is Phase.GATHERING and joiner.phase is Phase.GATHERING
@@ -674,7 +642,7 @@ def test_a_member_tells_the_peers_whose_ready_it_holds_that_an_attempt_leaves_th
 
 
 def test_an_excluded_from_two_rounds_on_says_the_member_was_left_behind() -> None:
-    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 0, "weight": 1.0}
+    ready = wire("ready", round=0, weight=1.0)
     for ahead, left_behind in ((1, None), (2, 2), (7, 7)):
         member = AllReduceMember("p3", "g", ["p3", "p4"], SETTINGS)
         other = AllReduceMember("p4", "g", ["p3", "p4"], SETTINGS, first_round=ahead)
@@ -688,7 +656,7 @@ def test_an_excluded_from_two_rounds_on_says_the_member_was_left_behind() -> Non
     outsider = AllReduceMember("q", "g", ["q", "p4"], SETTINGS)
     outsider.view.discard("p4")
     outsider.pending_joins["p4"] = 0
-    outsider.on_message("p4", {**over.msg}, 0.0)
+    outsider.on_message("p4", over.msg, 0.0)
     assert outsider.left_behind_at is None
 
 
@@ -699,7 +667,7 @@ def test_a_founder_alone_with_its_own_joiners_is_not_left_out() -> None:
     # the joiners were left with a founder that was gone.
     founder = AllReduceMember("p0", "g", ["p0"], SETTINGS)
     for joiner in ("p1", "p2"):
-        [ack] = founder.on_message(joiner, {"t": "ar.join", "v": PROTOCOL_VERSION, "g": "g"}, 0.0)
+        [ack] = founder.on_message(joiner, wire("join"), 0.0)
         assert isinstance(ack, Send) and ack.msg["t"] == "ar.join_ack"
     assert founder.begin(0.0, 1.0, SPEC) == []  # it waits join_timeout_s for its joiners
     [skipped] = founder.on_timeout(SETTINGS.join_timeout_s)
@@ -753,7 +721,7 @@ def test_a_joiner_that_is_not_ready_holds_up_one_round_only() -> None:
     # the joiner is still admitted: a Ready in time makes it part of a round
     g.dead.discard("p5")
     g.finish_transfers()
-    ready = {"t": "ar.ready", "v": PROTOCOL_VERSION, "g": "g", "round": 2, "weight": 1.0}
+    ready = wire("ready", round=2, weight=1.0)
     g.feed("p0", g.machines["p0"].on_message("p5", ready, g.now))
     proposed: list[list[str]] = []
 
