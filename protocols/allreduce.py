@@ -34,6 +34,14 @@ Blame. A loss or a hard I/O error names the peer as a suspect, who sits out the 
 round; a stall (no data in time) names nobody, since in a ring everyone stalls behind the one
 that hung; the retry's accept timeout then names the member that stays silent.
 
+Joining. A joiner asks members for admission; each answers with the joiner's first round (the
+current one while it is idle or still gathering Readies, the next one once an attempt is under
+way) and its view. Any member in an attempt answers a Ready from a peer the attempt leaves out
+(and tells those whose Ready it held when the proposal came) with ``Excluded``, so a joiner
+that knows only its contact skips at once instead of waiting out its timeouts. ``Excluded``
+carries the sender's own round: two or more rounds ahead means the group went on without the
+receiver, which sets ``left_behind_at`` (its driver then joins again and resyncs).
+
 Nothing here reads a clock or a socket: time arrives as ``now`` (seconds, any monotonic
 origin) and the driver calls ``on_timeout(now)`` at ``next_deadline()``.
 """
@@ -813,8 +821,7 @@ class AllReduceMember:
         # member that is not the coordinator may know no one else, and unanswered it would
         # wait out its ready timeout (it may even take itself for the coordinator).
         self.counters.stale += 1
-        reason = f"round {self.round} is under way without you; join the next one"
-        return [self._send(sender, Excluded(self.round, reason, self.round))]
+        return self._left_out([sender])
 
     def _on_proposal(self, sender: str, p: Proposal, now: float) -> list[Event]:
         if p.round < self.round or (p.round, p.attempt) in self._aborted:
