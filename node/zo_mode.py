@@ -959,6 +959,7 @@ class ZOMode:
             "steps": a.steps,
             "bytes": a.size_bytes,
             "steps_served": self.archive_steps_served,
+            "wants_refused": self.machine.archive_refused if self.machine is not None else 0,
         }
 
     def _fedkseed_status(self) -> dict[str, Any] | None:

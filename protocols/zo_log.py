@@ -83,6 +83,9 @@ def snapshot_interval_problem(
     )
 
 
+MAX_ARCHIVE_BUCKETS = 1024  # peers' archive buckets kept before the full ones are forgotten
+
+
 @dataclass(frozen=True)
 class ZOLogSettings:
     samples_per_step: int = 1
@@ -93,6 +96,11 @@ class ZOLogSettings:
     anti_entropy_s: float = 1.0  # how often a member sends its log digest to the others
     repair_wait_s: float = 0.5  # wait this long for records a held close needs, then fetch
     max_log_steps_per_reply: int = 512
+    # Archive replies (disk reads of up to max_log_steps_per_reply steps) one peer may get: a
+    # token bucket of this rate and burst. A joiner asks once per position it reached, so only
+    # a peer asking far faster than it can replay is refused (with a reason; it can ask again).
+    archive_replies_per_s: float = 8.0
+    archive_reply_burst: int = 16
     min_members: int = 1  # the founder waits for this many members before step 0
     max_rejections_kept: int = 100
     # Snapshots: every S steps (a multiple of hash_every_steps; 0 = off), once the state hash
@@ -106,6 +114,8 @@ class ZOLogSettings:
             raise ValueError("samples_per_step must be in 1..255")
         if self.hash_every_steps < 1 or self.max_future_steps < 1:
             raise ValueError("hash_every_steps and max_future_steps must be >= 1")
+        if not self.archive_replies_per_s > 0 or self.archive_reply_burst < 1:
+            raise ValueError("archive_replies_per_s must be > 0 and archive_reply_burst >= 1")
         problem = snapshot_interval_problem(self.snapshot_every_steps, self.hash_every_steps)
         if problem:
             raise ValueError(problem)
@@ -520,6 +530,8 @@ class ZOLog:
         self._catch_up_steps = 0
         self.archive: ArchiveRange | None = None  # set by the node: what its disk archive holds
         self.archive_serves = 0
+        self.archive_refused = 0
+        self._archive_buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, at)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -532,6 +544,22 @@ class ZOLog:
             return None
         a = self.open.attempt if attempt is None else attempt
         return self.members[a % len(self.members)]
+
+    def _archive_token(self, peer: str, now: float) -> bool:
+        """Take one archive reply from ``peer``'s bucket; False when it is empty."""
+        rate, burst = self.settings.archive_replies_per_s, self.settings.archive_reply_burst
+        tokens, at = self._archive_buckets.get(peer, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - at) * rate)
+        if len(self._archive_buckets) > MAX_ARCHIVE_BUCKETS:
+            full = burst / rate  # a bucket idle this long is full again: forgetting it is exact
+            self._archive_buckets = {
+                p: (t, a) for p, (t, a) in self._archive_buckets.items() if now - a < full
+            }
+        if tokens < 1:
+            self._archive_buckets[peer] = (tokens, now)
+            return False
+        self._archive_buckets[peer] = (tokens - 1, now)
+        return True
 
     def _reject(self, peer: str, reason: str) -> list[Event]:
         self.rejected_total += 1
@@ -1002,6 +1030,12 @@ class ZOLog:
             a = self.archive
             if a is not None and a.start <= start < a.end and a.end >= self.log_start:
                 # Dropped from memory, kept on disk: the node answers from its archive.
+                if not self._archive_token(sender, now):
+                    self.archive_refused += 1
+                    rate = self.settings.archive_replies_per_s
+                    return self._reject(
+                        sender, f"zo.want: over {rate:g} archive replies per second; not served"
+                    )
                 self.archive_serves += 1
                 stop = min(a.end, start + self.settings.max_log_steps_per_reply)
                 return [ServeArchive(sender, start, stop, self.next_close - 1)]

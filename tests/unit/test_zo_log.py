@@ -493,6 +493,30 @@ def test_a_joiner_on_theta_0_replays_the_whole_log_from_a_members_archive() -> N
     assert [e.msg for e in reply if isinstance(e, Send)] == [{"t": "zo.pruned", "s": 8}]
 
 
+def test_archive_wants_over_a_peers_rate_are_refused_with_a_reason() -> None:
+    # Each archive reply is a disk read of up to max_log_steps_per_reply steps: a peer that
+    # asks far faster than anyone can replay gets its burst, then refusals, and others do not
+    # pay for it.
+    sim = Sim(["a", "b"], SNAPSHOTS)
+    sim.archived["b"] = {}
+    sim.run(sim.all_at(40))
+    b = sim.nodes["b"]
+    assert b.log_start == 24 and b.archive == ArchiveRange(0, 40, GENESIS)
+    want = {"t": "zo.want", "s": 0}
+    burst, rate = SNAPSHOTS.archive_reply_burst, SNAPSHOTS.archive_replies_per_s
+    served = [b.on_message("flood", want, sim.now) for _ in range(burst)]
+    assert all(isinstance(e, ServeArchive) for (e,) in served)
+    [refused] = b.on_message("flood", want, sim.now)
+    assert isinstance(refused, Rejected) and "archive replies per second" in refused.reason
+    assert b.archive_refused == 1 and b.archive_serves == burst
+    [other] = b.on_message("joiner", want, sim.now)  # another peer: its own bucket
+    assert isinstance(other, ServeArchive)
+    [again] = b.on_message("flood", want, sim.now + 1 / rate)  # one reply's worth refilled
+    assert isinstance(again, ServeArchive)
+    [refused] = b.on_message("flood", want, sim.now + 1 / rate)
+    assert isinstance(refused, Rejected)
+
+
 def _offer(peer: str, head: int, start: int | None, before: bytes = GENESIS) -> ArchiveOffer:
     archive = None if start is None else ArchiveRange(start, head + 1, before)
     return ArchiveOffer(peer, head, max(0, head - 150), archive)
