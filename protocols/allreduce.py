@@ -40,7 +40,9 @@ way) and its view. Any member in an attempt answers a Ready from a peer the atte
 (and tells those whose Ready it held when the proposal came) with ``Excluded``, so a joiner
 that knows only its contact skips at once instead of waiting out its timeouts. ``Excluded``
 carries the sender's own round: two or more rounds ahead means the group went on without the
-receiver, which sets ``left_behind_at`` (its driver then joins again and resyncs).
+receiver, which sets ``left_behind_at`` (its driver then joins again and resyncs). A join
+request from a member of the attempt under way means that member restarted as a joiner: the
+attempt aborts at once with it as the suspect, rather than wait for a Done that never comes.
 
 Nothing here reads a clock or a socket: time arrives as ``now`` (seconds, any monotonic
 origin) and the driver calls ``on_timeout(now)`` at ``next_deadline()``.
@@ -720,6 +722,11 @@ class AllReduceMember:
         if sender in self.lost:
             self.counters.stale += 1
             return []
+        if self.phase is Phase.JOINING and not isinstance(message, JoinAck):
+            # From before the admission (e.g. the Abort of an attempt this peer was in before
+            # it restarted): nothing of it concerns a joiner.
+            self.counters.stale += 1
+            return []
         if not self._knows(sender):
             return self._reject(sender, "unknown sender: not a member, joiner or contact")
         if sender in self._excluded and getattr(message, "round", None) == self.round:
@@ -769,8 +776,22 @@ class AllReduceMember:
             self.pending_joins[sender] = first
             self._joiners_waited_for.discard(sender)  # a new admission: worth one wait again
         self.lost.discard(sender)
+        events: list[Event] = []
+        in_attempt = self._proposal is not None and sender in self._proposal.members
+        if in_attempt and self.phase in (Phase.ACCEPTED, Phase.TRANSFER, Phase.COMMIT):
+            # A member of this attempt asking to join has restarted as a joiner: it will send
+            # no Done (and its Abort, if it sent one, may have died with its old connection).
+            # Waiting for it would hold this member until attempt_timeout_s while the joiner
+            # waits for the state after this round: abort now, without it.
+            reason = f"{sender} asked to join again: it left this attempt"
+            events += self._abort(reason, (sender,), now)
+        elif in_attempt and self.phase is Phase.RETRY:
+            self._suspect(sender)  # nor will it accept (or propose) the retry
+            events += self._repropose(now)
+        self._readies.pop(sender, None)  # a Ready from before the restart no longer holds
         members = tuple(sorted(self.view - self.lost))
-        return [self._send(sender, JoinAck(self.pending_joins.get(sender, first), members))]
+        ack = JoinAck(self.pending_joins.get(sender, first), members)
+        return [*events, self._send(sender, ack)]
 
     def _on_join_ack(self, sender: str, ack: JoinAck) -> list[Event]:
         if self.phase is not Phase.JOINING:

@@ -68,6 +68,8 @@ def explain(lab: NetLab) -> None:
         wanted = ("shoal.net", "ERROR", "allreduce", "cannot")
         lines = [x for x in daemon.lines if any(w in x for w in wanted) and "skipped" not in x]
         print("\n".join(lines)[-6000:])
+        print("----- its last lines, unfiltered:")
+        print("\n".join(daemon.lines[-25:])[-4000:])
 
 
 def test_cone_nat_pair_goes_direct_and_bulk_leaves_the_relay(tmp_path: Path) -> None:

@@ -255,6 +255,58 @@ def test_join_request_during_a_round_is_admitted_at_the_next_round() -> None:
     assert g.of("p9", Completed)[0].members == ("p0", "p1", "p2", "p9")
 
 
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_member_of_the_attempt_that_restarts_as_a_joiner_aborts_it_at_once(size: int) -> None:
+    # Seen in CI (relay carrying a pair killed): the pair's other member gave up on the round
+    # and joined again, its Abort lost with the dead connection. The member that had finished
+    # its transfer waited in COMMIT for a Done that never came (attempt_timeout_s, 300 s),
+    # while the joiner waited for the state after that round: neither moved for minutes.
+    g = Group(peers(size))
+    g.begin_all()
+    survivors = g.live()[:-1]
+    for p in survivors:
+        start = g.of(p, StartTransfer)[-1]
+        g.feed(p, g.machines[p].transfer_done(start.round, start.attempt, "h", g.now))
+    g.deliver(keep=lambda sender, to, msg: "p" + str(size - 1) not in (sender, to))
+    assert all(g.machines[p].phase is Phase.COMMIT for p in survivors)
+    restarted = AllReduceMember.joiner(g.live()[-1], "g", ["p0"], SETTINGS)
+    g.add(restarted)
+    g.feed(restarted.me, restarted.request_join(g.now))
+    g.deliver()
+    for p in survivors:
+        (abort,) = g.of(p, Aborted)
+        assert abort.round == 0 and abort.attempt == 1
+    (admitted,) = g.of(restarted.me, Admitted)
+    assert admitted.round == 1
+    assert restarted.counters.rejected == 0  # the Abort it was sent is stale to a joiner
+    if size == 2:  # alone, the survivor skips the round and is at round 1 for the joiner
+        assert g.machines["p0"].round == 1 and g.of("p0", Skipped)
+    else:  # the survivors retry without it
+        g.finish_transfers()
+        assert all(g.of(p, Completed)[-1].members == ("p0", "p1") for p in survivors)
+        assert all(g.machines[p].round == 1 for p in survivors)
+    g.begin_all()
+    assert g.of("p0", StartTransfer)[-1].ring == tuple(peers(size))
+
+
+def test_survivors_waiting_for_a_retry_from_a_member_that_restarted_go_on_without_it() -> None:
+    g = Group(peers(3))
+    g.begin_all()
+    # A stall aborts attempt 1 without a suspect; p0, who would propose the retry, never
+    # hears of it: it has restarted, and asks p1 to be admitted again.
+    g.feed("p1", g.machines["p1"].on_io_error("p2", "stalled", g.now, blame=False))
+    g.deliver(keep=lambda sender, to, msg: to != "p0")
+    assert all(g.machines[p].phase is Phase.RETRY for p in ("p1", "p2"))
+    restarted = AllReduceMember.joiner("p0", "g", ["p1"], SETTINGS)
+    g.add(restarted)
+    g.feed("p0", restarted.request_join(g.now))
+    g.deliver()  # no clock tick: p1 proposes the retry at once instead of after retry timeout
+    for p in ("p1", "p2"):
+        assert g.of(p, StartTransfer)[-1].attempt == 2
+        assert g.of(p, StartTransfer)[-1].ring == ("p1", "p2")
+    assert g.of("p0", Admitted)[0].round == 1
+
+
 def test_a_joiner_admitted_by_a_non_coordinator_asks_the_other_members_too() -> None:
     # Seen with 5 daemons started together: a joiner whose only contact was p1 was admitted
     # by it, then the coordinator p0, which had not heard of it, refused its Ready as from an
