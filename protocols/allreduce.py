@@ -25,10 +25,12 @@ Commit. A member that finished its own transfer and then loses a peer that has n
 Done completes with the others' Done alone: all of them hold the full result, and any member
 that did not finish aborts and tells them before they can complete. A member whose Done from
 someone is merely late or lost asks for it again every ``coordinator_timeout_s``; members answer
-from their record of the last completed attempt, so a lost message does not make one member
-abort what the others completed. (An asymmetric partition, where two survivors disagree about
-who is alive, can still split that decision; a member that ends a round ``Skipped`` must
-resync its shared state before the next round, which repairs it.)
+from their record of the last ``completed_memory`` completed attempts, so a lost message does
+not make one member abort what the others completed. A member asked about an attempt it aborted
+or left without completing answers with an Abort, never with its Done, so a lost Abort costs
+the asker one ask period, not ``attempt_timeout_s``. (An asymmetric partition, where two
+survivors disagree about who is alive, can still split that decision; a member that ends a
+round ``Skipped`` must resync its shared state before the next round, which repairs it.)
 
 Blame. A loss or a hard I/O error names the peer as a suspect, who sits out the rest of the
 round; a stall (no data in time) names nobody, since in a ring everyone stalls behind the one
@@ -76,6 +78,7 @@ class AllReduceSettings:
     coordinator_timeout_s: float = 10.0  # member waits for a retry proposal (Go: plus accept)
     attempt_timeout_s: float = 300.0  # data phase plus Done collection
     max_attempts: int = 8
+    completed_memory: int = 16  # completed attempts remembered, to answer Done asks after them
     join_requests: int = 3  # a joiner gives up after this many unanswered requests
     # Sub-chunk of the ring pipeline: 4 MiB of float32. Each frame costs the runner and the
     # bulk channel a fixed share of Python; 1 MiB frames made 256 MiB calls 0.4 s slower
@@ -98,6 +101,8 @@ class AllReduceSettings:
             )
         if self.max_attempts < 1 or not 1 <= self.chunk_elems <= self.max_chunk_elems:
             raise ValueError("max_attempts and chunk_elems must be at least 1")
+        if self.completed_memory < 1:
+            raise ValueError("completed_memory must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -563,7 +568,7 @@ class AllReduceMember:
         # The highest round a member was seen beginning while this one was at least two rounds
         # behind: the group went on without it, so its driver should join again (and resync).
         self.left_behind_at: int | None = None
-        self._last_completed: Completed | None = None
+        self._completed: dict[tuple[int, int], Completed] = {}  # the latest completed_memory
         self._future_readies: dict[str, float] = {}
         self._proposal: Proposal | None = None
         self._accepts: set[str] = set()
@@ -948,19 +953,30 @@ class AllReduceMember:
     def _on_done(self, sender: str, done: Done, now: float) -> list[Event]:
         events: list[Event] = []
         if done.ask:
-            # A member lacks our Done (one was lost): answer from the current attempt or,
-            # if we already completed that attempt and moved on, from the record of it.
-            mine = None
-            last = self._last_completed
-            if (done.round, done.attempt) == (self.round, self.attempt):
-                mine = self._dones.get(self.me)
-            elif last is not None and (done.round, done.attempt) == (last.round, last.attempt):
-                mine = last.result_hash if sender in last.members else None
-            if mine is not None:
-                events.append(self._send(sender, Done(done.round, done.attempt, mine)))
+            events += self._answer_done_ask(sender, done)
         if not self._current(done.round, done.attempt):
             return events
         return events + self._record_done(sender, done, now)
+
+    def _answer_done_ask(self, sender: str, ask: Done) -> list[Event]:
+        """A member lacks our Done (one was lost): answer from the current attempt or, if we
+        completed that attempt and moved on, from the record of it. An attempt this member
+        aborted, or left behind without completing it, gets an Abort instead: its own Abort
+        may have been lost (with a connection, or a restart), and without it the asker would
+        wait in COMMIT until attempt_timeout_s for a Done that never comes."""
+        key = (ask.round, ask.attempt)
+        past = self._completed.get(key)
+        if past is not None:
+            if sender not in past.members:
+                return []
+            return [self._send(sender, Done(ask.round, ask.attempt, past.result_hash))]
+        current = (self.round, self.attempt)
+        if key in self._aborted or key < current:
+            gone = (self.me,) if ask.round < self.round else ()  # moved on: not in a retry
+            why = "asked for a Done of an attempt this member did not complete"
+            return [self._send(sender, Abort(ask.round, ask.attempt, why, gone))]
+        mine = self._dones.get(self.me) if key == current else None
+        return [] if mine is None else [self._send(sender, Done(ask.round, ask.attempt, mine))]
 
     def _record_done(self, sender: str, done: Done, now: float) -> list[Event]:
         p = self._proposal
@@ -1104,7 +1120,9 @@ class AllReduceMember:
             return [mismatch, *self._abort("result hashes differ", (), now)]
         (result_hash,) = hashes
         done = Completed(p.round, p.attempt, p.members, result_hash)
-        self._last_completed = done
+        self._completed[(p.round, p.attempt)] = done
+        while len(self._completed) > self.settings.completed_memory:
+            del self._completed[min(self._completed)]
         self._next_round()
         return [done]
 

@@ -606,6 +606,48 @@ def test_a_lost_done_is_asked_for_again_so_nobody_aborts_what_others_completed()
     assert not any(g.of(p, Aborted) for p in g.live())
 
 
+def test_a_member_that_left_the_attempt_answers_a_done_ask_with_an_abort() -> None:
+    # p1's transfer fails and it aborts, but its Abort to p0 is lost; alone, it skips the
+    # round. p0 finished its transfer and waits for p1's Done: asked for it, p1 says abort,
+    # instead of leaving p0 in COMMIT until attempt_timeout_s.
+    g = Group(peers(2))
+    g.begin_all()
+    g.feed("p1", g.machines["p1"].on_io_error("p0", "connection reset", g.now))
+    g.deliver(keep=lambda sender, to, msg: msg["t"] != "ar.abort")
+    assert g.of("p1", Skipped) and g.machines["p1"].round == 1
+    start = g.of("p0", StartTransfer)[-1]
+    g.feed("p0", g.machines["p0"].transfer_done(start.round, start.attempt, "h", g.now))
+    g.deliver()
+    assert g.machines["p0"].phase is Phase.COMMIT
+    g.tick(SETTINGS.coordinator_timeout_s)  # p0 asks p1 for its Done
+    (abort,) = g.of("p0", Aborted)
+    assert "did not complete" in abort.reason
+    assert g.of("p0", Skipped) and g.machines["p0"].round == 1
+    assert not g.of("p0", Completed)
+
+
+def test_an_aborted_attempt_is_never_vouched_for_with_a_done() -> None:
+    # p1 finished its transfer, then heard p2's Abort; p0 heard neither (lost). Asked by p0,
+    # p1 must not send its Done of the aborted attempt: p0 would complete what p1 retries.
+    g = Group(peers(3))
+    g.begin_all()
+    for p in ("p0", "p1"):
+        start = g.of(p, StartTransfer)[-1]
+        g.feed(p, g.machines[p].transfer_done(start.round, start.attempt, "h", g.now))
+    g.deliver(keep=lambda sender, to, msg: to != "p0" and sender != "p2")
+    abort = wire("abort", round=0, attempt=1, reason="stalled", suspects=[])
+    g.feed("p1", g.machines["p1"].on_message("p2", abort, g.now))
+    g.feed("p2", g.machines["p2"].on_io_error("p1", "stalled", g.now, blame=False))
+    g.wire.clear()  # the retry proposal and the Aborts never reach p0 either
+    assert g.machines["p0"].phase is Phase.COMMIT
+    ask = wire("done", round=0, attempt=1, hash="h", ask=True)
+    (reply,) = g.machines["p1"].on_message("p0", ask, g.now)
+    assert isinstance(reply, Send) and reply.msg["t"] == "ar.abort"
+    (event,) = g.machines["p0"].on_message("p1", reply.msg, g.now)[:1]
+    assert isinstance(event, Aborted) and not g.of("p0", Completed)
+    assert g.machines["p0"].attempt == 2  # the lowest id proposes the retry at once
+
+
 def test_done_asks_do_not_ping_pong_between_completed_members() -> None:
     g = Group(peers(2))
     g.begin_all()
