@@ -225,6 +225,19 @@ def announce_addrs(host: IHost) -> list[str]:
     return out
 
 
+def allow_redial(host: IHost, peer_id: str) -> None:
+    """Let the next dial of ``peer_id`` go out now.
+
+    py-libp2p's swarm refuses every dial of a peer whose addresses all failed once, for 60 s
+    (its "negative cache"). The daemon retries on schedules of its own (a bootstrap every
+    ``join_retry_s``, a member every heartbeat): with the cache in the way, a bootstrap back
+    after a restart stayed unreachable for a minute of "recently failed all addresses"."""
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        with contextlib.suppress(ValueError):
+            unblock(ID.from_base58(peer_id))
+
+
 def connection_info(host: IHost, peer_id: str) -> tuple[str, list[str]]:
     """("direct" | "relayed" | "none", remote addresses) of our connections to ``peer_id``."""
     try:

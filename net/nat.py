@@ -39,7 +39,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from net.holepunch import HolePuncher, HolePunchSettings
-from net.host import connection_info
+from net.host import allow_redial, connection_info
 from net.links import ControlLinks
 from net.portmap import NatPmpClient, PortMapping, map_port, unmap_port
 from net.relay import RelayError, RelayService, RelaySettings, circuit_addr, parse_circuit_addr
@@ -478,6 +478,7 @@ class NatService:
                 continue
             try:
                 if not self._has_direct(relay):
+                    allow_redial(self.host, relay)  # our caller paces these dials
                     with trio.fail_after(self.settings.direct_dial_timeout_s):
                         await self.host.connect(
                             PeerInfo(ID.from_base58(relay), [multiaddr.Multiaddr(relay_addr)])

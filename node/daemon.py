@@ -31,6 +31,7 @@ from net.bulk_peers import BulkPeers
 from net.holepunch import HolePunchSettings
 from net.host import (
     WIRE,
+    allow_redial,
     announce_addrs,
     build_dht,
     build_host,
@@ -110,6 +111,8 @@ class Node:
         self.group: AllReduceGroup | None = None
         self.train_mode: Any = None
         self._joined_swarm = False  # a --join address answered (not just: someone joined us)
+        self._joining = False  # --join attempts under way
+        self._alone_since: float | None = None  # when the table last became empty (monotonic)
         self.validator = dht_validator(config.swarm, config.dht_record_max_age_s)
         self.direct_dht = DirectDHT(
             self.peer_id,
@@ -194,8 +197,8 @@ class Node:
             self.membership.refresh(time.time())
             nursery.start_soon(self._heartbeat_loop)
             nursery.start_soon(self._dht_loop)
-            for addr in self.config.join:
-                nursery.start_soon(self._join, addr)
+            if self.config.join:
+                self._start_joining()
             if self.config.train != "none":
                 module, name = TRAIN_MODES[self.config.train]
                 self.train_mode = getattr(importlib.import_module(module), name)(self)
@@ -337,7 +340,42 @@ class Node:
                 self._send(peer_id, message)
             for member in self.membership.table.others():
                 self._keep_connected(member.record.peer_id)
+            self._rejoin_if_alone()
             await trio.sleep(self.config.heartbeat_s)
+
+    def _rejoin_if_alone(self) -> None:
+        """A node told to join whose table has held nobody else for ``join_retry_s`` (every
+        member expired: a partition, its bootstrap restarted, its machine slept) goes back to
+        its --join addresses: nobody else would ever tell it about the swarm again."""
+        if not self.config.join or self._joining or self._nursery is None:
+            return
+        if self.membership.table.others():
+            self._alone_since = None
+            return
+        now = time.monotonic()
+        if self._alone_since is None:
+            self._alone_since = now
+        elif now - self._alone_since >= self.config.join_retry_s:
+            log.warning(
+                "no other member left for %.0f s; joining again through %s",
+                now - self._alone_since,
+                ", ".join(self.config.join),
+            )
+            self._start_joining()
+
+    def _start_joining(self) -> None:
+        assert self._nursery is not None
+        self._joining = True
+        self._nursery.start_soon(self._join_bootstraps)
+
+    async def _join_bootstraps(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for addr in self.config.join:
+                    nursery.start_soon(self._join, addr)
+        finally:
+            self._joining = False
+            self._alone_since = None
 
     def _send(self, peer_id: str, message: dict[str, Any]) -> None:
         """Send from a task of its own, so no reader or loop ever waits on a slow peer."""
@@ -369,6 +407,7 @@ class Node:
                     await trio.sleep(0.05)
             return connection_info(self.host, peer_id)[0] != "none"
         live.dialing, live.last_dial = True, time.monotonic()
+        allow_redial(self.host, peer_id)  # this schedule, not libp2p's 60 s, paces redials
         try:  # directly, else through a relay the member published (net/nat.py)
             with trio.fail_after(2 * self.config.connect_timeout_s):
                 await self.nat.connect(peer_id, list(member.record.addrs))
@@ -409,6 +448,7 @@ class Node:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         while True:
             try:
+                allow_redial(self.host, str(info.peer_id))
                 with trio.fail_after(self.config.connect_timeout_s):
                     await self.host.connect(info)
                 bootstrap = str(info.peer_id)
@@ -426,7 +466,7 @@ class Node:
                 log.info("bootstrap %s unreachable (%s); in the swarm through others", addr, reason)
                 return
             log.warning(
-                "cannot join through %s: %s; retrying in %.0f s",
+                "cannot join through %s: %s; retrying in %g s",
                 addr,
                 reason,
                 self.config.join_retry_s,

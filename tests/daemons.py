@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,13 @@ def wait_until(
     raise AssertionError(
         f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})"
     )
+
+
+def free_port() -> int:
+    """A loopback TCP port free a moment ago (for a daemon that must keep its address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Daemon:
@@ -155,10 +163,14 @@ def swarm_of(tmp: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
     def spawn(
-        name: str, *args: str, join: Daemon | None = None, env: dict[str, str] | None = None
+        name: str,
+        *args: str,
+        join: Daemon | None = None,
+        env: dict[str, str] | None = None,
+        listen: str = "/ip4/127.0.0.1/tcp/0",
     ) -> Daemon:
         extra = ["--join", join.join_addr] if join is not None else []
-        daemon = Daemon(tmp / name, ["--listen", "/ip4/127.0.0.1/tcp/0", *FAST, *extra, *args], env)
+        daemon = Daemon(tmp / name, ["--listen", listen, *FAST, *extra, *args], env)
         daemons.append(daemon)
         return daemon.start()
 

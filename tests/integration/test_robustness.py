@@ -17,15 +17,9 @@ from net.host import build_host, swarm_protocol
 from node.control import call
 from protocols.presence import PresenceRecord, Signer
 from protocols.wire import encode_frame
-from tests.daemons import Daemon, swarm_of, wait_until
+from tests.daemons import Daemon, free_port, swarm_of, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_status_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import SHOAL, Daemon, swarm_of, wait_until
+from tests.daemons import SHOAL, Daemon, free_port, swarm_of, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +126,20 @@ def test_restart_with_same_home_keeps_peer_id_and_rejoins(tmp_path: Path) -> Non
         assert node.peer_id == first_id
         wait_until(lambda: full_view([boot, node]), 30, "the restarted node back in the view")
         assert node.status()["peer_id"] == first_id
+
+
+def test_a_node_left_alone_goes_back_to_its_bootstrap(tmp_path: Path) -> None:
+    with swarm_of(tmp_path) as spawn:
+        boot = spawn("boot", listen=f"/ip4/127.0.0.1/tcp/{free_port()}").wait_ready()
+        node = spawn("n", join=boot).wait_ready()
+        wait_until(lambda: full_view([boot, node]), 30, "a full view of 2")
+        boot.kill()
+        wait_until(lambda: node.view() == {node.peer_id}, EXPIRY_S + 10, "n to drop boot")
+        # Back at the same address with the same key, boot knows nobody: only n's going back
+        # to its --join address can make the swarm whole again.
+        boot.start().wait_ready()
+        wait_until(lambda: full_view([boot, node]), 30, "n back in the swarm through boot")
+        assert any("joining again through" in line for line in node.lines)
 
 
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
