@@ -459,6 +459,7 @@ class NatService:
                 # With a relay to fall back on (or coming: a peer with only private addresses
                 # is behind a NAT), a direct address gets a short try only.
                 short = circuits or all(_is_private(a) for a in direct)
+                allow_redial(self.host, peer)  # our caller (a heartbeat) paces these dials
                 with trio.fail_after(self.settings.direct_dial_timeout_s if short else 1e9):
                     await self.host.connect(info)
                 return True
@@ -478,7 +479,7 @@ class NatService:
                 continue
             try:
                 if not self._has_direct(relay):
-                    allow_redial(self.host, relay)  # our caller paces these dials
+                    allow_redial(self.host, relay)
                     with trio.fail_after(self.settings.direct_dial_timeout_s):
                         await self.host.connect(
                             PeerInfo(ID.from_base58(relay), [multiaddr.Multiaddr(relay_addr)])

@@ -347,7 +347,7 @@ class Node:
         """A node told to join whose table has held nobody else for ``join_retry_s`` (every
         member expired: a partition, its bootstrap restarted, its machine slept) goes back to
         its --join addresses: nobody else would ever tell it about the swarm again."""
-        if not self.config.join or self._joining or self._nursery is None:
+        if not self.config.join or self._joining:
             return
         if self.membership.table.others():
             self._alone_since = None
@@ -407,7 +407,6 @@ class Node:
                     await trio.sleep(0.05)
             return connection_info(self.host, peer_id)[0] != "none"
         live.dialing, live.last_dial = True, time.monotonic()
-        allow_redial(self.host, peer_id)  # this schedule, not libp2p's 60 s, paces redials
         try:  # directly, else through a relay the member published (net/nat.py)
             with trio.fail_after(2 * self.config.connect_timeout_s):
                 await self.nat.connect(peer_id, list(member.record.addrs))
